@@ -1,0 +1,36 @@
+"""What a step's code receives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+JSON = Any
+"""A value that survives ``json.dumps``/``json.loads`` (dict, list, str, int, float, bool, None)."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """The run's input and the results of a step's dependencies, for one attempt.
+
+    ``idempotency_key`` is the same for every attempt of one step (or compensation) of one run,
+    so calls to outside systems can be deduplicated across retries and re-deliveries.
+    For a compensation, ``step_result`` is the result of the step being undone.
+    """
+
+    run_id: str
+    workflow: str
+    step: str
+    kind: str
+    attempt: int
+    input: JSON
+    results: Mapping[str, JSON]
+    idempotency_key: str
+    business_key: str | None = None
+    step_result: JSON = None
+
+    @property
+    def is_compensation(self) -> bool:
+        """Whether this attempt undoes ``step`` rather than runs it."""
+        return self.kind == "compensation"

@@ -1,0 +1,1 @@
+"""The pure core: graph arithmetic and decisions, with no I/O."""

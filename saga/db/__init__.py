@@ -1,0 +1,1 @@
+"""The database layer: models (the schema) and migrations."""

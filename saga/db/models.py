@@ -1,0 +1,193 @@
+"""SQLAlchemy models of saga's tables. They live in their own schema (``saga`` here; another name
+is mapped at run time with ``schema_translate_map``)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from saga.db.states import (
+    HISTORY_EVENTS,
+    RUN_ACTIVE,
+    RUN_STATES,
+    STEP_KINDS,
+    STEP_STATES,
+    check_in,
+)
+
+SCHEMA = "saga"
+"""The schema name the models are declared in."""
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base of saga's own tables."""
+
+    metadata = MetaData(schema=SCHEMA, naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True)}
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class Run(Base):
+    """One run of a workflow, pinned to the definition (name, version, hash) it started with."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(check_in("state", RUN_STATES), name="state"),
+        CheckConstraint("steps_remaining >= 0 AND compensations_remaining >= 0", name="counters"),
+        Index(
+            "uq_runs_workflow_business_key",
+            "workflow",
+            "business_key",
+            unique=True,
+            postgresql_where=text("business_key IS NOT NULL"),
+        ),
+        Index("ix_runs_created_at", "created_at"),
+        Index("ix_runs_state_created_at", "state", "created_at"),
+        Index("ix_runs_workflow_state", "workflow", "state"),
+        Index(
+            "ix_runs_active_deadline",
+            "deadline_at",
+            postgresql_where=text(
+                f"deadline_at IS NOT NULL AND {check_in('state', RUN_ACTIVE[:1])}"
+            ),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    workflow: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    definition_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(32), server_default="running")
+    business_key: Mapped[str | None] = mapped_column(Text)
+    input: Mapped[Any] = mapped_column(JSONB)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[Any | None] = mapped_column(JSONB)
+    trace_context: Mapped[Any | None] = mapped_column(JSONB)
+    steps_remaining: Mapped[int] = mapped_column(Integer)
+    compensations_remaining: Mapped[int] = mapped_column(Integer, server_default="0")
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StepRun(Base):
+    """A step's (``kind='step'``) or a compensation's (``kind='compensation'``) progress in a run."""
+
+    __tablename__ = "step_runs"
+    __table_args__ = (
+        CheckConstraint(check_in("state", STEP_STATES), name="state"),
+        CheckConstraint(check_in("kind", STEP_KINDS), name="kind"),
+        CheckConstraint("attempt >= 0 AND pending_deps >= 0", name="counters"),
+        Index(
+            "ix_step_runs_running_lease",
+            "lease_expires_at",
+            postgresql_where=text("state = 'running'"),
+        ),
+    )
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    step: Mapped[str] = mapped_column(String(100), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, server_default="0")
+    first_attempt: Mapped[int] = mapped_column(Integer, server_default="1")
+    pending_deps: Mapped[int] = mapped_column(Integer)
+    result: Mapped[Any | None] = mapped_column(JSONB)
+    error: Mapped[Any | None] = mapped_column(JSONB)
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class OutboxMessage(Base):
+    """A "step attempt is ready" message, written with the state change that made it ready and
+    deleted when a worker claims the attempt."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        CheckConstraint(check_in("kind", STEP_KINDS), name="kind"),
+        UniqueConstraint("run_id", "kind", "step", "attempt"),
+        Index(
+            "ix_outbox_unpublished",
+            "available_at",
+            "id",
+            postgresql_where=text("published_at IS NULL"),
+        ),
+        Index(
+            "ix_outbox_published",
+            "published_at",
+            postgresql_where=text("published_at IS NOT NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
+    )
+    kind: Mapped[str] = mapped_column(String(16))
+    step: Mapped[str] = mapped_column(String(100))
+    attempt: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(100))
+    priority: Mapped[int | None] = mapped_column(Integer)
+    time_limit: Mapped[float | None] = mapped_column()
+    available_at: Mapped[datetime] = _now()
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    publish_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    trace_context: Mapped[Any | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now()
+
+
+class HistoryEntry(Base):
+    """An append-only record of one transition (a trigger refuses updates)."""
+
+    __tablename__ = "history"
+    __table_args__ = (
+        CheckConstraint(check_in("event", HISTORY_EVENTS), name="event"),
+        Index("ix_history_run_id_id", "run_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
+    )
+    event: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str | None] = mapped_column(String(16))
+    step: Mapped[str | None] = mapped_column(String(100))
+    attempt: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[Any | None] = mapped_column(JSONB)
+    at: Mapped[datetime] = _now()

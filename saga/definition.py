@@ -1,0 +1,310 @@
+"""Declaring workflows: a name, a version and a validated graph of named steps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, TypeVar
+
+from saga.context import JSON, StepContext
+from saga.core import graph
+from saga.errors import DefinitionError
+from saga.retry import DEFAULT_RETRY, RetryPolicy
+from saga.steps import CeleryTaskStep, FunctionStep, StepRunner
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,99}$")
+F = TypeVar("F", bound=Callable[..., Any])
+StepRef = str | Callable[..., Any]
+"""A step named by its name or by the function declared as it."""
+Runnable = StepRunner | Callable[[StepContext], JSON]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node of a workflow's graph, as declared.
+
+    ``queue``/``priority``/``time_limit`` of ``None`` fall back to the workflow's defaults;
+    ``retry``/``compensation_retry`` of ``None`` to the workflow's retry policy.
+    """
+
+    name: str
+    runner: StepRunner
+    after: tuple[str, ...] = ()
+    compensation: StepRunner | None = None
+    retry: RetryPolicy | None = None
+    compensation_retry: RetryPolicy | None = None
+    queue: str | None = None
+    priority: int | None = None
+    time_limit: float | None = None
+
+
+def _as_runner(workflow: str, step: str, what: str, value: object) -> StepRunner:
+    if isinstance(value, FunctionStep | CeleryTaskStep):
+        return value
+    if isinstance(value, StepRunner) and not callable(value):
+        return value
+    if callable(value):
+        return FunctionStep(value)
+    raise DefinitionError(workflow, f"{what} must be callable, got {type(value).__name__}", (step,))
+
+
+@dataclass
+class Workflow:
+    """A named, versioned graph of steps, each with optional compensation.
+
+    Declare steps with the :meth:`step` decorator (or :meth:`add_step` for Celery tasks);
+    every declaration is validated at once and a wrong one raises :class:`DefinitionError`
+    naming the step. Passing ``steps=[Step(...), ...]`` validates the whole graph, cycles
+    included. Registering the workflow freezes it.
+    """
+
+    name: str
+    version: int = 1
+    retry: RetryPolicy = DEFAULT_RETRY
+    queue: str = "saga"
+    time_limit: float = 300.0
+    deadline: float | None = None
+    steps: Sequence[Step] = ()
+    _steps: dict[str, Step] = field(init=False, repr=False)
+    _by_fn: dict[int, str] = field(init=False, repr=False)
+    _frozen: bool = field(init=False, default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise DefinitionError(str(self.name), "workflow name must match " + _NAME.pattern)
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise DefinitionError(self.name, f"version must be an int >= 1, got {self.version!r}")
+        if not isinstance(self.retry, RetryPolicy):
+            raise DefinitionError(self.name, "retry must be a RetryPolicy")
+        self._check_limit("time_limit", self.time_limit, None)
+        if self.deadline is not None:
+            self._check_limit("deadline", self.deadline, None)
+        self._steps = {}
+        self._by_fn = {}
+        declared = list(self.steps)
+        for s in declared:
+            self._check_step(s, known=None)
+            if s.name in self._steps:
+                raise DefinitionError(self.name, "duplicate step name", (s.name,))
+            self._steps[s.name] = s
+        for s in declared:
+            unknown = [d for d in s.after if d not in self._steps]
+            if unknown:
+                raise DefinitionError(self.name, f"runs after unknown step(s) {unknown}", (s.name,))
+        cycle = graph.find_cycle(self.after_map)
+        if cycle:
+            raise DefinitionError(self.name, "the steps form a cycle: " + " -> ".join(cycle), cycle)
+
+    # -- declaring ---------------------------------------------------------------------------
+
+    def step(
+        self,
+        name: str | None = None,
+        *,
+        after: Iterable[StepRef] = (),
+        compensate: Runnable | None = None,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        time_limit: float | None = None,
+    ) -> Callable[[F], F]:
+        """Declare the decorated function ``fn(ctx) -> JSON`` as a step; returns it unchanged."""
+
+        def decorate(fn: F) -> F:
+            step_name = name or getattr(fn, "__name__", "")
+            self.add_step(
+                step_name,
+                fn,
+                after=after,
+                compensate=compensate,
+                retry=retry,
+                compensation_retry=compensation_retry,
+                queue=queue,
+                priority=priority,
+                time_limit=time_limit,
+            )
+            self._by_fn[id(fn)] = step_name
+            return fn
+
+        return decorate
+
+    def add_step(
+        self,
+        name: str,
+        run: Runnable,
+        *,
+        after: Iterable[StepRef] = (),
+        compensate: Runnable | None = None,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        time_limit: float | None = None,
+    ) -> Step:
+        """Declare a step run by ``run``: a function of the context or a step kind such as
+        :class:`~saga.steps.CeleryTaskStep`. Steps named in ``after`` must be declared already,
+        so a graph declared this way cannot have a cycle."""
+        if isinstance(after, str | bytes) or callable(after):
+            raise DefinitionError(self.name, "after must be a list of steps", (str(name),))
+        deps = tuple(self._resolve(name, ref) for ref in after)
+        new = Step(
+            name=name,
+            runner=_as_runner(self.name, str(name), "the step's code", run),
+            after=deps,
+            compensation=(
+                None
+                if compensate is None
+                else _as_runner(self.name, str(name), "compensate", compensate)
+            ),
+            retry=retry,
+            compensation_retry=compensation_retry,
+            queue=queue,
+            priority=priority,
+            time_limit=time_limit,
+        )
+        self._check_step(new, known=self._steps)
+        self._steps[name] = new
+        self.__dict__.pop("definition_hash", None)
+        return new
+
+    def compensation(self, step: StepRef) -> Callable[[F], F]:
+        """Declare the decorated function as the compensation of an already declared step."""
+
+        def decorate(fn: F) -> F:
+            if isinstance(step, str) and step not in self._steps:
+                raise DefinitionError(self.name, "compensation for a missing step", (step,))
+            target = self._resolve("<compensation>", step)
+            current = self._steps[target]
+            if current.compensation is not None:
+                raise DefinitionError(self.name, "already has a compensation", (target,))
+            runner = _as_runner(self.name, target, "compensate", fn)
+            self._assert_open(target)
+            self._steps[target] = Step(**{**current.__dict__, "compensation": runner})
+            self.__dict__.pop("definition_hash", None)
+            return fn
+
+        return decorate
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def after_map(self) -> dict[str, tuple[str, ...]]:
+        """Each step's name mapped to the names it runs after."""
+        return {name: s.after for name, s in self._steps.items()}
+
+    def __getitem__(self, name: str) -> Step:
+        return self._steps[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._steps
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        """Step names in declaration order."""
+        return tuple(self._steps)
+
+    @cached_property
+    def definition_hash(self) -> str:
+        """A hash of everything that shapes a run: steps, edges, code names, policies."""
+        doc = {
+            "name": self.name,
+            "version": self.version,
+            "retry": self.retry.describe(),
+            "queue": self.queue,
+            "time_limit": self.time_limit,
+            "deadline": self.deadline,
+            "steps": [
+                {
+                    "name": s.name,
+                    "after": sorted(s.after),
+                    "run": s.runner.identity,
+                    "compensate": s.compensation.identity if s.compensation else None,
+                    "retry": s.retry.describe() if s.retry else None,
+                    "compensation_retry": (
+                        s.compensation_retry.describe() if s.compensation_retry else None
+                    ),
+                    "queue": s.queue,
+                    "priority": s.priority,
+                    "time_limit": s.time_limit,
+                }
+                for s in self._steps.values()
+            ],
+        }
+        raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    def retry_for(self, step: str, kind: str) -> RetryPolicy:
+        """The retry policy of a step (``kind='step'``) or of its compensation."""
+        s = self._steps[step]
+        policy = s.compensation_retry if kind == "compensation" else s.retry
+        return policy or self.retry
+
+    def queue_for(self, step: str) -> str:
+        """The queue the step's (and its compensation's) messages go to."""
+        return self._steps[step].queue or self.queue
+
+    def time_limit_for(self, step: str) -> float:
+        """The step's time limit in seconds."""
+        return self._steps[step].time_limit or self.time_limit
+
+    def freeze(self) -> None:
+        """Refuse further declarations (done on registration); checks the graph is not empty."""
+        if not self._steps:
+            raise DefinitionError(self.name, "a workflow needs at least one step")
+        self._frozen = True
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _resolve(self, name: object, ref: StepRef) -> str:
+        if isinstance(ref, str):
+            if ref not in self._steps:
+                raise DefinitionError(
+                    self.name, f"refers to unknown step {ref!r}", (str(name), ref)
+                )
+            return ref
+        found = self._by_fn.get(id(ref))
+        if found is None:
+            label = getattr(ref, "__name__", repr(ref))
+            raise DefinitionError(
+                self.name, f"refers to {label!r}, which is not a step of this workflow", (str(name),)
+            )
+        return found
+
+    def _assert_open(self, step: str) -> None:
+        if self._frozen:
+            raise DefinitionError(
+                self.name, "the workflow is registered and frozen; declare steps before", (step,)
+            )
+
+    def _check_limit(self, what: str, value: object, step: str | None) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            where = (step,) if step else ()
+            raise DefinitionError(self.name, f"{what} must be a number > 0, got {value!r}", where)
+
+    def _check_step(self, s: Step, known: Mapping[str, Step] | None) -> None:
+        name = s.name
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise DefinitionError(self.name, "step name must match " + _NAME.pattern, (str(name),))
+        self._assert_open(name)
+        if known is not None and name in known:
+            raise DefinitionError(self.name, "duplicate step name", (name,))
+        if len(set(s.after)) != len(s.after):
+            raise DefinitionError(self.name, "lists a dependency twice", (name,))
+        if name in s.after:
+            raise DefinitionError(self.name, "runs after itself", (name,))
+        for what, value in (("retry", s.retry), ("compensation_retry", s.compensation_retry)):
+            if value is not None and not isinstance(value, RetryPolicy):
+                raise DefinitionError(self.name, f"{what} must be a RetryPolicy", (name,))
+        if s.queue is not None and (not isinstance(s.queue, str) or not _NAME.match(s.queue)):
+            raise DefinitionError(self.name, f"bad queue name {s.queue!r}", (name,))
+        if s.priority is not None and (
+            isinstance(s.priority, bool) or not isinstance(s.priority, int) or not 0 <= s.priority <= 9
+        ):
+            raise DefinitionError(self.name, "priority must be an int from 0 to 9", (name,))
+        if s.time_limit is not None:
+            self._check_limit("time_limit", s.time_limit, name)

@@ -1,0 +1,210 @@
+"""Running one step attempt on a worker, whatever delivered the message: parse, claim, run the
+step's code, record the outcome. It never raises: a bad or stale message is logged and dropped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from saga import logs
+from saga.app import Saga
+from saga.codec import encode
+from saga.context import StepContext
+from saga.core import graph
+from saga.core.decide import STOPPING
+from saga.definition import Workflow
+from saga.errors import SagaError, UnknownWorkflowError
+from saga.starting import route
+from saga.steps import TaskCaller
+from saga.transitions import AttemptRef, Claim
+
+log = logging.getLogger("saga.worker")
+KINDS = ("step", "compensation")
+
+
+class MalformedMessage(ValueError):
+    """A message that is not a saga step message."""
+
+
+@dataclass(frozen=True)
+class StepMessage:
+    """What the relay publishes for one attempt; built only from registered workflows."""
+
+    run_id: str
+    workflow: str
+    version: int
+    kind: str
+    step: str
+    attempt: int
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> StepMessage:
+        """Validate a message body; :class:`MalformedMessage` says what is wrong."""
+        if not isinstance(body, Mapping):
+            raise MalformedMessage(f"body is a {type(body).__name__}, not an object")
+        unknown = set(body) - {"run_id", "workflow", "version", "kind", "step", "attempt"}
+        if unknown:
+            raise MalformedMessage(f"unknown fields {sorted(unknown)}")
+        try:
+            run_id = str(uuid.UUID(str(body["run_id"])))
+            workflow, step, kind = body["workflow"], body["step"], body["kind"]
+            version, attempt = body["version"], body["attempt"]
+        except (KeyError, ValueError) as exc:
+            raise MalformedMessage(f"bad or missing field: {exc}") from None
+        if not isinstance(workflow, str) or not isinstance(step, str) or kind not in KINDS:
+            raise MalformedMessage("workflow and step must be strings, kind step|compensation")
+        for name, value in (("version", version), ("attempt", attempt)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MalformedMessage(f"{name} must be an int >= 1")
+        return cls(run_id, workflow, version, kind, step, attempt)
+
+    @property
+    def ref(self) -> AttemptRef:
+        """The attempt this message names."""
+        return AttemptRef(self.run_id, self.kind, self.step, self.attempt)
+
+    def as_body(self) -> dict[str, Any]:
+        """The message body."""
+        return {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "version": self.version,
+            "kind": self.kind,
+            "step": self.step,
+            "attempt": self.attempt,
+        }
+
+
+def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
+    """A failed attempt's error as stored: type, message and attempt."""
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": str(exc)[:2000],
+        "attempt": attempt,
+    }
+
+
+class Executor:
+    """Executes step messages against one engine."""
+
+    def __init__(self, saga: Saga, worker_id: str | None = None) -> None:
+        self.saga = saga
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+
+    def execute(self, body: Any, tasks: TaskCaller | None = None) -> str:
+        """Run the attempt a message names; returns the outcome (``completed``,
+        ``retry_scheduled``, ``failed``, ``duplicate``, ``malformed``, ``unknown``)."""
+        try:
+            msg = StepMessage.parse(body)
+        except MalformedMessage as exc:
+            logs.event(log, logging.WARNING, f"dropped a malformed step message: {exc}")
+            return "malformed"
+        fields = {"run_id": msg.run_id, "workflow": msg.workflow, "step": msg.step}
+        fields |= {"kind": msg.kind, "attempt": msg.attempt}
+        try:
+            wf = self.saga.registry.get(msg.workflow, msg.version)
+        except UnknownWorkflowError:
+            logs.event(log, logging.WARNING, "dropped a message for an unknown workflow", **fields)
+            return "unknown"
+        if msg.step not in wf or (msg.kind == "compensation" and not wf[msg.step].compensation):
+            logs.event(log, logging.WARNING, "dropped a message for an unknown step", **fields)
+            return "unknown"
+        deps = wf[msg.step].after if msg.kind == "step" else ()
+        lease = wf.time_limit_for(msg.step) + self.saga.settings.lease_grace
+        with self.saga.autocommit() as conn:
+            claim = self.saga.transitions.claim(
+                conn, msg.ref, deps=deps, lease_seconds=lease, worker=self.worker_id
+            )
+        if claim is None:
+            logs.event(log, logging.INFO, "dropped a stale or duplicate message", **fields)
+            return "duplicate"
+        if claim.workflow != msg.workflow or claim.version != msg.version:
+            return self._fail(wf, claim, SagaError("message names another workflow"), False)
+        if claim.definition_hash != wf.definition_hash:
+            exc = SagaError(
+                f"workflow {wf.name!r} v{wf.version} changed under this run: it started with "
+                f"definition {claim.definition_hash}, this worker has {wf.definition_hash}"
+            )
+            return self._fail(wf, claim, exc, False)
+        return self._run(wf, claim, tasks, fields)
+
+    def _run(
+        self, wf: Workflow, claim: Claim, tasks: TaskCaller | None, fields: dict[str, Any]
+    ) -> str:
+        ref = claim.ref
+        step = wf[ref.step]
+        runner = step.runner if ref.kind == "step" else step.compensation
+        assert runner is not None
+        ctx = StepContext(
+            run_id=ref.run_id,
+            workflow=wf.name,
+            step=ref.step,
+            kind=ref.kind,
+            attempt=ref.attempt,
+            input=claim.input,
+            results=claim.results,
+            idempotency_key=ref.idempotency_key,
+            business_key=claim.business_key,
+            step_result=claim.step_result,
+        )
+        try:
+            result = runner.run(ctx, tasks)
+            result_json = encode(
+                result,
+                workflow=wf.name,
+                field=f"result of step {ref.step!r}",
+                limit=self.saga.settings.max_result_bytes,
+            )
+        except Exception as exc:
+            policy = wf.retry_for(ref.step, ref.kind)
+            retryable = not isinstance(exc, SagaError) and policy.is_retryable(exc)
+            return self._fail(wf, claim, exc, retryable)
+        return self._complete(wf, claim, result_json, fields)
+
+    def _complete(
+        self, wf: Workflow, claim: Claim, result_json: str, fields: dict[str, Any]
+    ) -> str:
+        ref = claim.ref
+        after = wf.after_map
+        if ref.kind == "step":
+            release: tuple[str, ...] = graph.dependents(after)[ref.step]
+        else:
+            release = tuple(sorted(graph.ancestors(after, ref.step)))
+        routes = [route(wf, s) for s in release]
+        with self.saga.autocommit() as conn:
+            done = self.saga.transitions.complete(
+                conn, ref, result_json, release=release, routes=routes, sinks=graph.sinks(after)
+            )
+        if done is None:
+            logs.event(log, logging.INFO, "completion of a stale attempt ignored", **fields)
+            return "duplicate"
+        if ref.kind == "step" and done.run_state in STOPPING:
+            with self.saga.engine.begin() as conn:
+                self.saga.lifecycle.advance(conn, ref.run_id)
+        return "completed"
+
+    def _fail(self, wf: Workflow, claim: Claim, exc: BaseException, retryable: bool) -> str:
+        ref = claim.ref
+        policy = wf.retry_for(ref.step, ref.kind)
+        delay = policy.delay_after(ref.attempt - claim.first_attempt + 1) if retryable else None
+        with self.saga.engine.begin() as conn:
+            outcome = self.saga.lifecycle.fail_attempt_in_tx(
+                conn, ref, error_doc(exc, ref.attempt), delay
+            )
+        logs.event(
+            log,
+            logging.WARNING,
+            f"attempt failed: {type(exc).__name__}: {exc}",
+            run_id=ref.run_id,
+            workflow=wf.name,
+            step=ref.step,
+            kind=ref.kind,
+            attempt=ref.attempt,
+            outcome=outcome,
+        )
+        return outcome

@@ -1,0 +1,215 @@
+"""The slow path: failures, stopping and compensating, cancelling and operator actions.
+
+Each function runs in the caller's transaction and first locks the run's row, so it sees a
+consistent run: claims (``FOR KEY SHARE``) and completions (``UPDATE``) of that run wait for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection
+
+from saga.codec import dumps
+from saga.core import graph
+from saga.core.decide import STOPPING, decide_stop, retry_plan
+from saga.errors import InvalidTransitionError, UnknownRunError
+from saga.registry import Registry
+from saga.starting import route
+from saga.store.base import Row, Tables
+from saga.store.history import HistoryStore
+from saga.store.outbox import OutboxStore
+from saga.store.runs import RunStore
+from saga.store.steps import StepStore
+from saga.transitions import LIVE_RUN_STATES, AttemptRef
+
+
+class Lifecycle:
+    """Guarded transitions off the hot path, for one schema and registry."""
+
+    def __init__(self, tables: Tables, registry: Registry) -> None:
+        self.registry = registry
+        self.runs = RunStore(tables)
+        self.steps = StepStore(tables)
+        self.outbox = OutboxStore(tables)
+        self.history = HistoryStore(tables)
+
+    # -- attempts ----------------------------------------------------------------------------
+
+    def fail_attempt_in_tx(
+        self, conn: Connection, ref: AttemptRef, error: Any, retry_delay: float | None
+    ) -> str:
+        """Record a failed attempt: ``'retry_scheduled'`` (a retry after ``retry_delay`` s, only
+        while the run is live), ``'failed'`` (for good; the run starts stopping) or
+        ``'duplicate'`` (stale attempt: nothing changed)."""
+        run = self.runs.lock(conn, ref.run_id)
+        if run is None:
+            return "duplicate"
+        live = run["state"] in LIVE_RUN_STATES[ref.kind]
+        if retry_delay is not None and live:
+            attempt = self.steps.retry_attempt(
+                conn, ref.run_id, ref.kind, ref.step, ref.attempt, error, retry_delay
+            )
+            if attempt is None:
+                return "duplicate"
+            wf = self.registry.get(run["workflow"], run["version"])
+            message = {**route(wf, ref.step), "attempt": attempt, "delay": retry_delay}
+            self.outbox.enqueue(conn, ref.run_id, ref.kind, [message], run["trace_context"])
+            detail = {"error": error, "retry_in": round(retry_delay, 3), "next_attempt": attempt}
+            self.history.append(
+                conn, ref.run_id, "step_retry_scheduled", kind=ref.kind, step=ref.step,
+                attempt=ref.attempt, detail=detail,
+            )
+            return "retry_scheduled"
+        if not self.steps.fail_attempt(conn, ref.run_id, ref.kind, ref.step, ref.attempt, error):
+            return "duplicate"
+        self.history.append(
+            conn, ref.run_id, "step_failed", kind=ref.kind, step=ref.step, attempt=ref.attempt,
+            detail={"error": error},
+        )
+        if ref.kind == "compensation":
+            if self.runs.set_state(
+                conn, ref.run_id, list(STOPPING), "compensation_failed",
+                error=dumps({"step": ref.step, "kind": ref.kind, **_as_dict(error)}),
+            ):
+                self.history.append(conn, ref.run_id, "run_compensation_failed", step=ref.step)
+            return "failed"
+        if run["state"] == "running":
+            self.runs.set_state(
+                conn, ref.run_id, ["running"], "compensating",
+                error=dumps({"step": ref.step, "kind": ref.kind, **_as_dict(error)}),
+            )
+            self.history.append(conn, ref.run_id, "run_compensating", step=ref.step)
+            run["state"] = "compensating"
+        self.advance_in_tx(conn, run)
+        return "failed"
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    def advance_in_tx(self, conn: Connection, run: Row) -> str:
+        """Move a stopping run on (``run`` is its row, locked by the caller): skip what never
+        started, and once nothing runs, start the compensations or end the run. Idempotent."""
+        if run["state"] not in STOPPING:
+            return run["state"]  # type: ignore[no-any-return]
+        run_id = str(run["id"])
+        rows = self.steps.of_run(conn, run_id)
+        if any(r["kind"] == "compensation" for r in rows):
+            return run["state"]  # type: ignore[no-any-return]
+        for step in self.steps.skip_unstarted(conn, run_id):
+            self.history.append(conn, run_id, "step_skipped", kind="step", step=step)
+        self.outbox.drop_unstarted(conn, run_id)
+        wf = self.registry.get(run["workflow"], run["version"])
+        with_comp = {s for s in wf.step_names if wf[s].compensation is not None}
+        decision = decide_stop(
+            run["state"],
+            wf.after_map,
+            with_comp,
+            running=StepStore.names(rows, "step", "running"),
+            completed=StepStore.names(rows, "step", "completed"),
+        )
+        if decision.wait:
+            return run["state"]  # type: ignore[no-any-return]
+        if decision.end_state is not None:
+            self.runs.set_state(conn, run_id, list(STOPPING), decision.end_state, finished=True)
+            self.history.append(conn, run_id, f"run_{decision.end_state}")
+            return decision.end_state
+        pending = dict(decision.compensations)
+        self.steps.insert(conn, run_id, "compensation", pending)
+        self.runs.set_state(
+            conn, run_id, list(STOPPING), run["state"], compensations_remaining=len(pending)
+        )
+        ready = [{**route(wf, s), "attempt": 1} for s, n in pending.items() if n == 0]
+        self.outbox.enqueue(conn, run_id, "compensation", ready, run["trace_context"])
+        self.history.append(
+            conn, run_id, "compensation_started", detail={"compensations": sorted(pending)}
+        )
+        return run["state"]  # type: ignore[no-any-return]
+
+    def advance(self, conn: Connection, run_id: str) -> str:
+        """Lock the run and :meth:`advance_in_tx` it."""
+        run = self.runs.lock(conn, run_id)
+        if run is None:
+            raise UnknownRunError(f"no run {run_id}")
+        return self.advance_in_tx(conn, run)
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    def cancel_in_tx(self, conn: Connection, run_id: str, reason: str | None = None) -> str:
+        """Stop a running run and compensate it; it ends ``cancelled``."""
+        run = self._locked(conn, run_id)
+        if run["state"] != "running":
+            raise InvalidTransitionError(
+                f"run {run_id} is {run['state']}: only a running run can be cancelled"
+            )
+        error = {"type": "cancelled", "message": reason or "cancelled by an operator"}
+        self.runs.set_state(conn, run_id, ["running"], "cancelling", error=dumps(error))
+        self.history.append(conn, run_id, "run_cancelling", detail=error)
+        run["state"] = "cancelling"
+        return self.advance_in_tx(conn, run)
+
+    def retry_in_tx(self, conn: Connection, run_id: str, from_step: str | None = None) -> str:
+        """Retry a ``failed`` run from its failed step (or ``from_step``), or a
+        ``compensation_failed`` run's failed compensations, each with a fresh retry budget."""
+        run = self._locked(conn, run_id)
+        wf = self.registry.get(run["workflow"], run["version"])
+        rows = self.steps.of_run(conn, run_id)
+        if run["state"] == "compensation_failed":
+            if from_step is not None:
+                raise InvalidTransitionError("--from applies to failed runs, not compensations")
+            failed = StepStore.names(rows, "compensation", "failed")
+            reset = self.steps.reset(conn, run_id, "compensation", dict.fromkeys(failed, 0))
+            back = "cancelling" if (run["error"] or {}).get("type") == "cancelled" else "compensating"
+            self.runs.set_state(conn, run_id, ["compensation_failed"], back)
+            self._enqueue_ready(conn, run, wf, "compensation", reset)
+            self.history.append(conn, run_id, "operator_retry", detail={"compensations": sorted(failed)})
+            return back
+        if run["state"] != "failed":
+            raise InvalidTransitionError(
+                f"run {run_id} is {run['state']}: only failed or compensation_failed runs can be retried"
+            )
+        completed = StepStore.names(rows, "step", "completed")
+        restart: set[str] = set()
+        if from_step is not None:
+            if from_step not in wf:
+                raise InvalidTransitionError(f"workflow {wf.name!r} has no step {from_step!r}")
+            restart = ({from_step} | graph.descendants(wf.after_map, from_step)) & completed
+        pending = retry_plan(wf.after_map, completed - restart, restart)
+        reset = self.steps.reset(conn, run_id, "step", pending)
+        self.runs.set_state(
+            conn, run_id, ["failed"], "running", finished=False, steps_remaining=len(pending)
+        )
+        self._enqueue_ready(conn, run, wf, "step", reset)
+        self.history.append(
+            conn, run_id, "operator_retry", detail={"from": sorted(s for s, n in pending.items() if n == 0)}
+        )
+        return "running"
+
+    def resolve_in_tx(self, conn: Connection, run_id: str, reason: str) -> str:
+        """Mark a ``compensation_failed`` run ``resolved`` by hand, keeping ``reason``."""
+        if not reason or not reason.strip():
+            raise InvalidTransitionError("a reason is required to resolve a run")
+        run = self._locked(conn, run_id)
+        if not self.runs.set_state(conn, run_id, ["compensation_failed"], "resolved", finished=True):
+            raise InvalidTransitionError(
+                f"run {run_id} is {run['state']}: only compensation_failed runs can be resolved"
+            )
+        self.history.append(conn, run_id, "operator_resolved", detail={"reason": reason})
+        return "resolved"
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _locked(self, conn: Connection, run_id: str) -> Row:
+        run = self.runs.lock(conn, run_id)
+        if run is None:
+            raise UnknownRunError(f"no run {run_id}")
+        return run
+
+    def _enqueue_ready(
+        self, conn: Connection, run: Row, wf: Any, kind: str, reset: list[tuple[str, str, int]]
+    ) -> None:
+        ready = [{**route(wf, s), "attempt": a} for s, state, a in reset if state == "ready"]
+        self.outbox.enqueue(conn, str(run["id"]), kind, ready, run["trace_context"])
+
+
+def _as_dict(error: Any) -> dict[str, Any]:
+    return dict(error) if isinstance(error, dict) else {"message": str(error)}

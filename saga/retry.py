@@ -1,0 +1,88 @@
+"""Retry policy as a validated value, built on tenacity's wait and stop strategies."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import tenacity
+from tenacity.wait import wait_base
+
+from saga.errors import PermanentError, StepError
+
+
+def _retry_state(attempt: int) -> tenacity.RetryCallState:
+    state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    return state
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how late a failed attempt is tried again.
+
+    ``max_attempts`` counts the first attempt. The delay after attempt *n* is exponential
+    (``initial_delay * multiplier ** (n-1)``), capped at ``max_delay``, plus up to ``jitter``
+    seconds of random jitter. ``retry_on`` lists the exception types that may be retried;
+    :class:`~saga.errors.PermanentError` is never retried, whatever this says.
+    """
+
+    max_attempts: int = 3
+    initial_delay: float = 1.0
+    multiplier: float = 2.0
+    max_delay: float = 60.0
+    jitter: float = 0.5
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    _wait: wait_base = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {self.max_attempts!r}")
+        for name in ("initial_delay", "max_delay", "jitter"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.multiplier, int | float) or self.multiplier < 1:
+            raise ValueError(f"multiplier must be a number >= 1, got {self.multiplier!r}")
+        if self.max_delay < self.initial_delay:
+            raise ValueError("max_delay must be >= initial_delay")
+        if not self.retry_on or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on
+        ):
+            raise ValueError("retry_on must be a non-empty tuple of exception types")
+        wait = tenacity.wait_exponential(
+            multiplier=self.initial_delay, exp_base=self.multiplier, max=self.max_delay
+        )
+        object.__setattr__(self, "_wait", wait)
+
+    def is_retryable(self, error: BaseException) -> bool:
+        """Whether this kind of error may be retried at all (ignoring the attempt count)."""
+        if isinstance(error, StepError):
+            return error.retryable and not isinstance(error, PermanentError)
+        return isinstance(error, self.retry_on)
+
+    def delay_after(self, attempt: int, rand: Callable[[], float] = random.random) -> float | None:
+        """Seconds to wait before the attempt after ``attempt``; ``None`` once attempts are spent.
+
+        Pure but for ``rand``, which tests may pin.
+        """
+        if tenacity.stop_after_attempt(self.max_attempts)(_retry_state(attempt)):
+            return None
+        base = float(self._wait(_retry_state(attempt)))
+        return min(base, self.max_delay) + self.jitter * rand()
+
+    def describe(self) -> dict[str, object]:
+        """A JSON-able form, part of the definition hash."""
+        return {
+            "max_attempts": self.max_attempts,
+            "initial_delay": self.initial_delay,
+            "multiplier": self.multiplier,
+            "max_delay": self.max_delay,
+            "jitter": self.jitter,
+            "retry_on": [f"{t.__module__}.{t.__qualname__}" for t in self.retry_on],
+        }
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(max_attempts=1)

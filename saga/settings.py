@@ -1,0 +1,49 @@
+"""Engine settings, a validated value read from arguments or the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from saga.db.migrate import check_schema_name
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Tunables of one engine. Durations are in seconds.
+
+    ``lease_grace`` is added to a step's time limit to make its lease: past that, the sweeper
+    deems the worker lost. ``republish_after`` is how long a published message may wait for a
+    worker before the sweeper publishes it again (the broker may have lost it).
+    """
+
+    schema: str = "saga"
+    max_input_bytes: int = 256 * 1024
+    max_result_bytes: int = 256 * 1024
+    lease_grace: float = 30.0
+    republish_after: float = 300.0
+
+    def __post_init__(self) -> None:
+        check_schema_name(self.schema)
+        for name in ("max_input_bytes", "max_result_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("lease_grace", "republish_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``SAGA_SCHEMA``, ``SAGA_MAX_INPUT_BYTES``, ``SAGA_LEASE_GRACE`` and
+        ``SAGA_REPUBLISH_AFTER``, with ``overrides`` on top."""
+        env: dict[str, object] = {}
+        for key, name, conv in (
+            ("SAGA_SCHEMA", "schema", str),
+            ("SAGA_MAX_INPUT_BYTES", "max_input_bytes", int),
+            ("SAGA_LEASE_GRACE", "lease_grace", float),
+            ("SAGA_REPUBLISH_AFTER", "republish_after", float),
+        ):
+            if key in os.environ:
+                env[name] = conv(os.environ[key])
+        env.update(overrides)
+        return cls(**env)  # type: ignore[arg-type]

@@ -1,0 +1,8 @@
+"""Step kinds: what runs a step. Each kind knows how to run itself and how to name itself for the
+definition hash; none imports Celery (the worker passes a :class:`TaskCaller` in)."""
+
+from saga.steps.base import StepRunner, TaskCaller
+from saga.steps.celery_task import CeleryTaskStep
+from saga.steps.function import FunctionStep
+
+__all__ = ["CeleryTaskStep", "FunctionStep", "StepRunner", "TaskCaller"]

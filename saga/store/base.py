@@ -1,0 +1,56 @@
+"""What the table modules share: schema-qualified names and JSON parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import TextClause, text
+
+from saga.db.migrate import check_schema_name
+
+
+@dataclass(frozen=True)
+class Tables:
+    """Quoted, schema-qualified names of saga's tables for one schema."""
+
+    schema: str
+
+    def __post_init__(self) -> None:
+        check_schema_name(self.schema)
+
+    @property
+    def runs(self) -> str:
+        """``"schema".runs``."""
+        return f'"{self.schema}".runs'
+
+    @property
+    def steps(self) -> str:
+        """``"schema".step_runs``."""
+        return f'"{self.schema}".step_runs'
+
+    @property
+    def outbox(self) -> str:
+        """``"schema".outbox``."""
+        return f'"{self.schema}".outbox'
+
+    @property
+    def history(self) -> str:
+        """``"schema".history``."""
+        return f'"{self.schema}".history'
+
+    @property
+    def channel(self) -> str:
+        """The LISTEN/NOTIFY channel the outbox trigger notifies."""
+        return f"{self.schema}_outbox"
+
+    def sql(self, template: str) -> TextClause:
+        """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}`` filled in."""
+        return text(
+            template.format(
+                runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history
+            )
+        )
+
+
+Row = dict[str, Any]

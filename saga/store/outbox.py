@@ -1,0 +1,99 @@
+"""Statements on the ``outbox`` table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+
+from saga.codec import dumps
+from saga.store.base import Row, Tables
+
+_ENQUEUE = """
+INSERT INTO {outbox}
+    (run_id, kind, step, attempt, queue, priority, time_limit, available_at, trace_context)
+SELECT :run_id, :kind, x.step, x.attempt, x.queue, x.priority, x.time_limit,
+       now() + make_interval(secs => coalesce(x.delay, 0)), CAST(:trace AS jsonb)
+FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+     AS x(step text, attempt int, queue text, priority int, time_limit float8, delay float8)
+"""
+_DROP_UNSTARTED = "DELETE FROM {outbox} WHERE run_id = :run_id AND kind = 'step'"
+_CLAIM_BATCH = """
+SELECT id, run_id::text AS run_id, kind, step, attempt, queue, priority, time_limit,
+       available_at, publish_count, trace_context
+FROM {outbox}
+WHERE published_at IS NULL AND available_at <= now() + make_interval(secs => :lookahead)
+ORDER BY available_at, id
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""
+_MARK_PUBLISHED = """
+UPDATE {outbox} SET published_at = now(), publish_count = publish_count + 1
+WHERE id = ANY(:ids)
+"""
+_NEXT_DUE = """
+SELECT EXTRACT(EPOCH FROM (min(available_at) - now())) FROM {outbox} WHERE published_at IS NULL
+"""
+_REPUBLISH_STALE = """
+UPDATE {outbox} SET published_at = NULL
+WHERE id IN (
+    SELECT id FROM {outbox}
+    WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => :older)
+    ORDER BY published_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+RETURNING run_id::text, kind, step, attempt
+"""
+
+
+class OutboxStore:
+    """Writing messages, and the relay's side of them."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._enqueue = tables.sql(_ENQUEUE)
+        self._drop_unstarted = tables.sql(_DROP_UNSTARTED)
+        self._claim_batch = tables.sql(_CLAIM_BATCH)
+        self._mark_published = tables.sql(_MARK_PUBLISHED)
+        self._next_due = tables.sql(_NEXT_DUE)
+        self._republish_stale = tables.sql(_REPUBLISH_STALE)
+
+    def enqueue(
+        self,
+        conn: Connection,
+        run_id: str,
+        kind: str,
+        messages: Sequence[dict[str, Any]],
+        trace_context: Any = None,
+    ) -> None:
+        """Write messages (``step``, ``attempt``, ``queue``, ``priority``, ``time_limit``,
+        ``delay`` in seconds) in the caller's transaction."""
+        if messages:
+            params = {"run_id": run_id, "kind": kind, "rows": dumps(list(messages))}
+            params["trace"] = None if trace_context is None else dumps(trace_context)
+            conn.execute(self._enqueue, params)
+
+    def drop_unstarted(self, conn: Connection, run_id: str) -> None:
+        """Delete the run's step messages no worker has claimed (the run has stopped)."""
+        conn.execute(self._drop_unstarted, {"run_id": run_id})
+
+    def claim_batch(self, conn: Connection, limit: int, lookahead: float) -> list[Row]:
+        """Lock up to ``limit`` unpublished messages due within ``lookahead`` seconds,
+        skipping those another relay holds."""
+        params = {"limit": limit, "lookahead": lookahead}
+        return [dict(r) for r in conn.execute(self._claim_batch, params).mappings()]
+
+    def mark_published(self, conn: Connection, ids: Sequence[int]) -> None:
+        """Record that these messages reached the broker."""
+        if ids:
+            conn.execute(self._mark_published, {"ids": list(ids)})
+
+    def seconds_to_next_due(self, conn: Connection) -> float | None:
+        """Seconds until the earliest unpublished message is due (negative: overdue)."""
+        value = conn.execute(self._next_due).scalar()
+        return None if value is None else float(value)
+
+    def republish_stale(self, conn: Connection, older_than: float, limit: int) -> list[Row]:
+        """Mark messages published over ``older_than`` seconds ago and still unclaimed for
+        publishing again: the broker may have lost them."""
+        params = {"older": older_than, "limit": limit}
+        rows = conn.execute(self._republish_stale, params).all()
+        return [{"run_id": r[0], "kind": r[1], "step": r[2], "attempt": r[3]} for r in rows]

@@ -1,0 +1,75 @@
+"""Statements on the ``runs`` table."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from sqlalchemy import Connection
+
+from saga.store.base import Row, Tables
+
+_LOCK = "SELECT * FROM {runs} WHERE id = :run_id FOR UPDATE"
+_BY_ID = "SELECT * FROM {runs} WHERE id = :ref"
+_BY_KEY = """
+SELECT * FROM {runs}
+WHERE business_key = :ref AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
+ORDER BY created_at DESC LIMIT 2
+"""
+_SET_STATE = """
+UPDATE {runs} SET state = :to, updated_at = now(),
+    error = coalesce(CAST(:error AS jsonb), error),
+    finished_at = CASE WHEN :finished THEN now() ELSE NULL END,
+    steps_remaining = coalesce(:steps_remaining, steps_remaining),
+    compensations_remaining = coalesce(:compensations_remaining, compensations_remaining)
+WHERE id = :run_id AND state = ANY(:from_states)
+RETURNING state
+"""
+
+
+class RunStore:
+    """Reads and guarded state changes of runs."""
+
+    def __init__(self, tables: Tables) -> None:
+        self._lock = tables.sql(_LOCK)
+        self._by_id = tables.sql(_BY_ID)
+        self._by_key = tables.sql(_BY_KEY)
+        self._set_state = tables.sql(_SET_STATE)
+
+    def lock(self, conn: Connection, run_id: str) -> Row | None:
+        """The run's row, locked ``FOR UPDATE`` until the caller's transaction ends."""
+        row = conn.execute(self._lock, {"run_id": run_id}).mappings().first()
+        return dict(row) if row else None
+
+    def find(self, conn: Connection, ref: str, workflow: str | None = None) -> list[Row]:
+        """Runs whose id or business key is ``ref`` (at most two: more means ambiguous)."""
+        try:
+            uuid.UUID(ref)
+        except ValueError:
+            params = {"ref": ref, "workflow": workflow}
+            return [dict(r) for r in conn.execute(self._by_key, params).mappings()]
+        return [dict(r) for r in conn.execute(self._by_id, {"ref": ref}).mappings()]
+
+    def set_state(
+        self,
+        conn: Connection,
+        run_id: str,
+        from_states: list[str],
+        to: str,
+        *,
+        finished: bool = False,
+        error: str | None = None,
+        steps_remaining: int | None = None,
+        compensations_remaining: int | None = None,
+    ) -> bool:
+        """Move the run to ``to`` if it is in one of ``from_states``; whether it moved."""
+        params: dict[str, Any] = {
+            "run_id": run_id,
+            "from_states": from_states,
+            "to": to,
+            "finished": finished,
+            "error": error,
+            "steps_remaining": steps_remaining,
+            "compensations_remaining": compensations_remaining,
+        }
+        return conn.execute(self._set_state, params).first() is not None
