@@ -20,13 +20,15 @@ FROM jsonb_to_recordset(CAST(:rows AS jsonb))
 """
 _DROP_UNSTARTED = "DELETE FROM {outbox} WHERE run_id = :run_id AND kind = 'step'"
 _CLAIM_BATCH = """
-SELECT id, run_id::text AS run_id, kind, step, attempt, queue, priority, time_limit,
-       available_at, publish_count, trace_context
-FROM {outbox}
-WHERE published_at IS NULL AND available_at <= now() + make_interval(secs => :lookahead)
-ORDER BY available_at, id
+SELECT o.id, o.run_id::text AS run_id, r.workflow, r.version, o.kind, o.step, o.attempt,
+       o.queue, o.priority, o.time_limit, o.publish_count, o.trace_context,
+       EXTRACT(EPOCH FROM (o.available_at - now()))::float8 AS countdown,
+       EXTRACT(EPOCH FROM (now() - o.created_at))::float8 AS age
+FROM {outbox} o JOIN {runs} r ON r.id = o.run_id
+WHERE o.published_at IS NULL AND o.available_at <= now() + make_interval(secs => :lookahead)
+ORDER BY o.available_at, o.id
 LIMIT :limit
-FOR UPDATE SKIP LOCKED
+FOR UPDATE OF o SKIP LOCKED
 """
 _MARK_PUBLISHED = """
 UPDATE {outbox} SET published_at = now(), publish_count = publish_count + 1

@@ -1,0 +1,61 @@
+"""saga: durable workflows and sagas for teams who run Celery and PostgreSQL.
+
+Declare a :class:`Workflow`, register it, start runs with :meth:`Saga.start` inside your own
+transaction, wire the engine into your Celery app with :func:`install`, and run ``saga relay``
+beside your workers.
+"""
+
+from saga.app import ConfigurationError, Saga
+from saga.context import JSON, StepContext
+from saga.definition import Step, Workflow
+from saga.errors import (
+    DefinitionError,
+    DefinitionMismatchError,
+    InputError,
+    InvalidTransitionError,
+    PermanentError,
+    RetryableError,
+    SagaError,
+    StepError,
+    UnknownRunError,
+    UnknownWorkflowError,
+)
+from saga.registry import Registry
+from saga.retry import RetryPolicy
+from saga.settings import Settings
+from saga.starting import Started
+from saga.steps import CeleryTaskStep, FunctionStep
+
+
+def install(celery_app: object, engine: Saga) -> object:
+    """Wire ``engine`` into the Celery app (see :func:`saga.celery_adapter.install`)."""
+    from saga.celery_adapter import install as _install
+
+    return _install(celery_app, engine)  # type: ignore[arg-type]
+
+
+__all__ = [
+    "JSON",
+    "CeleryTaskStep",
+    "ConfigurationError",
+    "DefinitionError",
+    "DefinitionMismatchError",
+    "FunctionStep",
+    "InputError",
+    "InvalidTransitionError",
+    "PermanentError",
+    "Registry",
+    "RetryPolicy",
+    "RetryableError",
+    "Saga",
+    "SagaError",
+    "Settings",
+    "Started",
+    "Step",
+    "StepContext",
+    "StepError",
+    "UnknownRunError",
+    "UnknownWorkflowError",
+    "Workflow",
+    "install",
+]

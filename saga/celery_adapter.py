@@ -1,0 +1,167 @@
+"""Everything saga does with Celery, behind one module.
+
+:func:`install` wires an engine into the user's own Celery app (no global app): safe settings
+made explicit, and one task, ``saga.execute``, that runs step messages. :class:`CeleryPublisher`
+is how the relay puts messages on the broker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import uuid
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from celery import Celery, signals
+
+from saga import logs
+from saga.app import Saga
+from saga.context import JSON
+from saga.errors import SagaError
+from saga.executor import Executor
+
+log = logging.getLogger("saga.celery")
+TASK_NAME = "saga.execute"
+_TASK_ID_NS = uuid.UUID("5a9a0000-0000-4000-8000-00000000a9a5")
+_ENGINES: weakref.WeakKeyDictionary[Celery, Saga] = weakref.WeakKeyDictionary()
+
+SAFE_SETTINGS: dict[str, Any] = {
+    "task_serializer": "json",
+    "result_serializer": "json",
+    "accept_content": ["json"],
+    "result_accept_content": ["json"],
+    "task_acks_late": True,
+    # A lost worker's step comes back through its lease, not through a redelivery loop.
+    "task_reject_on_worker_lost": False,
+    "worker_prefetch_multiplier": 1,
+    "task_ignore_result": True,
+    "broker_connection_retry_on_startup": True,
+    "worker_cancel_long_running_tasks_on_connection_loss": True,
+}
+
+
+class _TaskCaller:
+    """Runs tasks registered on the worker's app in this process, for CeleryTaskStep."""
+
+    def __init__(self, app: Celery) -> None:
+        self._app = app
+
+    def call_task(self, name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> JSON:
+        task = self._app.tasks.get(name)
+        if task is None:
+            raise SagaError(f"Celery task {name!r} is not registered on this worker")
+        return task(*args, **kwargs)
+
+
+def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = None) -> Celery:
+    """Bind ``saga`` to the Celery ``app``: JSON only, acks_late, prefetch 1, and the
+    ``saga.execute`` task. ``settings`` override individual Celery settings (pickle stays out)."""
+    merged = {**SAFE_SETTINGS, **(settings or {})}
+    if "pickle" in merged["accept_content"] or merged["task_serializer"] != "json":
+        raise ValueError("saga accepts JSON messages only")
+    app.conf.update(merged)
+    _ENGINES[app] = saga
+    executor = Executor(saga)
+    caller = _TaskCaller(app)
+
+    @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    def execute(self: Any, *args: Any, **kwargs: Any) -> str:
+        if args:
+            logs.event(log, logging.WARNING, "dropped a step message with positional args")
+            return "malformed"
+        return executor.execute(kwargs, caller)
+
+    @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _fresh_pool(**_: Any) -> None:
+        # A forked child must not share the parent's database connections.
+        saga.engine.dispose(close=False)
+
+    return app
+
+
+def engine_of(app: Celery) -> Saga:
+    """The engine :func:`install` bound to ``app``."""
+    try:
+        return _ENGINES[app]
+    except KeyError:
+        raise SagaError("this Celery app has no saga engine: call saga.install(app, saga)") from None
+
+
+def task_id(run_id: str, kind: str, step: str, attempt: int) -> str:
+    """The deterministic Celery task id of one attempt (the same on every republish)."""
+    return str(uuid.uuid5(_TASK_ID_NS, f"{run_id}:{kind}:{step}:{attempt}"))
+
+
+class PublishTimeout(SagaError):
+    """Publishing did not finish within its deadline (the broker may be unreachable)."""
+
+    retryable = True
+
+
+class CeleryPublisher:
+    """Publishes step messages as ``saga.execute`` tasks, each bounded by a deadline, since a
+    publish to an unreachable broker can otherwise hang."""
+
+    def __init__(self, app: Celery, *, timeout: float = 5.0) -> None:
+        self.app = app
+        self.timeout = timeout
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-publish")
+
+    def publish(
+        self,
+        body: Mapping[str, Any],
+        *,
+        queue: str,
+        priority: int | None,
+        time_limit: float | None,
+        countdown: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        """Publish one message or raise (``PublishTimeout`` past the deadline)."""
+        options: dict[str, Any] = {
+            "kwargs": dict(body),
+            "task_id": task_id(body["run_id"], body["kind"], body["step"], body["attempt"]),
+            "queue": queue,
+            "routing_key": queue,
+            "retry": False,
+            "headers": dict(headers or {}),
+        }
+        if priority is not None:
+            options["priority"] = priority
+        if time_limit:
+            options["soft_time_limit"] = time_limit
+            options["time_limit"] = time_limit + 5
+        if countdown and countdown > 0:
+            options["countdown"] = countdown
+        future = self._pool.submit(self.app.send_task, TASK_NAME, **options)
+        try:
+            future.result(timeout=self.timeout)
+        except concurrent.futures.TimeoutError:
+            # The stuck thread is abandoned with its connection; start afresh.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-publish")
+            self.app.pool.force_close_all()
+            raise PublishTimeout(f"publish took over {self.timeout}s") from None
+
+    def close(self) -> None:
+        """Release the publishing thread."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def load_celery_app(spec: str) -> Celery:
+    """Import ``module:attribute`` and return the Celery app it names."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise SagaError(f"--app must look like module:celery_app, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SagaError(f"cannot import {module_name!r}: {exc}") from None
+    app = getattr(module, attr, None)
+    if not isinstance(app, Celery):
+        raise SagaError(f"{spec!r} is not a Celery app")
+    return app

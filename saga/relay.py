@@ -1,0 +1,213 @@
+"""The outbox relay: publishes ready step attempts to the broker.
+
+It claims unpublished outbox rows in batches (``FOR UPDATE SKIP LOCKED``, so several relays can
+run), publishes each, and marks it published in the same transaction. It wakes on
+``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
+with backoff. On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import psycopg
+import tenacity
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from saga import logs
+from saga.app import Saga
+from saga.store.base import Row
+from saga.sweeper import Sweeper
+
+log = logging.getLogger("saga.relay")
+
+
+class Publisher(Protocol):
+    """Puts one step message on the broker, or raises."""
+
+    def publish(
+        self,
+        body: Mapping[str, Any],
+        *,
+        queue: str,
+        priority: int | None,
+        time_limit: float | None,
+        countdown: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        """Publish or raise."""
+        ...
+
+
+def message_body(row: Row) -> dict[str, Any]:
+    """A step message built from an outbox row joined with its run: ids and names only."""
+    return {
+        "run_id": row["run_id"],
+        "workflow": row["workflow"],
+        "version": row["version"],
+        "kind": row["kind"],
+        "step": row["step"],
+        "attempt": row["attempt"],
+    }
+
+
+class Relay:
+    """Moves messages from the outbox to the broker."""
+
+    def __init__(
+        self,
+        saga: Saga,
+        publisher: Publisher,
+        *,
+        batch_size: int = 200,
+        poll_interval: float = 1.0,
+        lookahead: float = 2.0,
+        sweep_interval: float = 2.0,
+    ) -> None:
+        if batch_size < 1 or poll_interval <= 0:
+            raise ValueError("batch_size must be >= 1 and poll_interval > 0")
+        self.saga = saga
+        self.publisher = publisher
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.lookahead = lookahead
+        self.sweep_interval = sweep_interval
+        self.sweeper = Sweeper(saga)
+        self.stopping = threading.Event()
+        self._listener: psycopg.Connection[Any] | None = None
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    def publish_batch(self) -> int:
+        """Claim, publish and mark one batch; the number published. A publish error commits
+        what went out before it and re-raises."""
+        outbox = self.saga.lifecycle.outbox
+        published: list[int] = []
+        with self.saga.engine.begin() as conn:
+            rows = outbox.claim_batch(conn, self.batch_size, self.lookahead)
+            try:
+                for row in rows:
+                    self._publish(row)
+                    published.append(row["id"])
+            finally:
+                outbox.mark_published(conn, published)
+        return len(published)
+
+    def _publish(self, row: Row) -> None:
+        self.publisher.publish(
+            message_body(row),
+            queue=row["queue"],
+            priority=row["priority"],
+            time_limit=row["time_limit"],
+            countdown=row["countdown"] if row["countdown"] > 0 else None,
+            headers=row["trace_context"],
+        )
+        if row["publish_count"]:
+            logs.event(
+                log, logging.INFO, "published again", run_id=row["run_id"],
+                workflow=row["workflow"], step=row["step"], kind=row["kind"],
+                attempt=row["attempt"],
+            )
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Relay until :meth:`stop`; outages are retried with exponential backoff."""
+        retrying = tenacity.Retrying(
+            wait=tenacity.wait_exponential(multiplier=0.2, max=5.0),
+            retry=tenacity.retry_if_exception_type(Exception),
+            stop=tenacity.stop_when_event_set(self.stopping),
+            before_sleep=self._log_outage,
+            sleep=self.stopping.wait,
+            reraise=False,
+        )
+        last_sweep = 0.0
+        while not self.stopping.is_set():
+            try:
+                count = retrying(self.publish_batch)
+            except tenacity.RetryError:
+                break
+            now = time.monotonic()
+            if now - last_sweep >= self.sweep_interval:
+                last_sweep = now
+                try:
+                    self.sweeper.sweep()
+                except (OperationalError, DBAPIError) as exc:
+                    logs.event(log, logging.WARNING, f"sweep failed: {type(exc).__name__}")
+            if count < self.batch_size:
+                self._wait()
+        self._close_listener()
+        logs.event(log, logging.INFO, "relay stopped")
+
+    def stop(self) -> None:
+        """Finish the current batch and return from :meth:`run`."""
+        self.stopping.set()
+
+    def _log_outage(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self._close_listener()
+        logs.event(
+            log, logging.WARNING,
+            f"publishing failed, backing off: {type(exc).__name__}: {str(exc)[:200]}",
+            attempt=state.attempt_number,
+        )
+
+    def _wait(self) -> None:
+        """Sleep until a NOTIFY, the next due retry, or the poll interval, whichever is first."""
+        timeout = self.poll_interval
+        try:
+            with self.saga.engine.connect() as conn:
+                due = self.saga.lifecycle.outbox.seconds_to_next_due(conn)
+            if due is not None:
+                timeout = max(0.0, min(timeout, due - self.lookahead))
+            if timeout <= 0:
+                return
+            listener = self._listen()
+            for _ in listener.notifies(timeout=timeout, stop_after=1):
+                break
+        except (psycopg.Error, OperationalError, DBAPIError):
+            self._close_listener()
+            self.stopping.wait(min(timeout, 1.0))
+
+    def _listen(self) -> psycopg.Connection[Any]:
+        if self._listener is None or self._listener.closed:
+            url = make_url(self.saga.engine.url).set(drivername="postgresql")
+            conninfo = url.render_as_string(hide_password=False)
+            self._listener = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
+            self._listener.execute(f'LISTEN "{self.saga.tables.channel}"')
+        return self._listener
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except psycopg.Error:
+                pass
+            self._listener = None
+
+
+def main(app_spec: str, *, batch_size: int = 200, poll_interval: float = 1.0) -> int:
+    """``saga relay``: relay for the engine bound to the Celery app ``module:attribute``."""
+    from saga.celery_adapter import CeleryPublisher, engine_of, load_celery_app
+
+    celery_app = load_celery_app(app_spec)
+    saga = engine_of(celery_app)
+    relay = Relay(
+        saga, CeleryPublisher(celery_app), batch_size=batch_size, poll_interval=poll_interval
+    )
+
+    def on_term(signum: int, frame: object) -> None:
+        logs.event(log, logging.INFO, f"signal {signum}: finishing the batch and stopping")
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    logs.event(log, logging.INFO, "relay started", schema=saga.settings.schema)
+    relay.run()
+    return 0
