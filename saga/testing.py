@@ -1,0 +1,73 @@
+"""Running workflows inline, for users' tests: the real engine and database, no broker.
+
+:func:`drain` relays ready messages straight to an :class:`~saga.executor.Executor` in this
+process until nothing is left to do. It exercises the same claim/complete transitions as a
+Celery worker, so a workflow's logic, retries and compensations can be tested without starting
+processes. It does not test delivery (that is what the relay and Celery are for).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from saga.app import Saga
+from saga.executor import Executor
+from saga.relay import Relay
+from saga.steps import TaskCaller
+
+
+@dataclass
+class InlinePublisher:
+    """A relay publisher that keeps messages in memory; :meth:`run_pending` executes them once
+    the relay's batch has committed (as a broker would deliver them)."""
+
+    executor: Executor
+    tasks: TaskCaller | None = None
+    outcomes: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    pending: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
+
+    def publish(
+        self,
+        body: Mapping[str, Any],
+        *,
+        queue: str,
+        priority: int | None,
+        time_limit: float | None,
+        countdown: float | None,
+        headers: Mapping[str, str] | None,
+    ) -> None:
+        """Hold the message until it is due."""
+        self.pending.append((time.monotonic() + (countdown or 0.0), dict(body)))
+
+    def run_pending(self) -> int:
+        """Execute the held messages, waiting for each one's countdown; how many ran."""
+        todo, self.pending = sorted(self.pending, key=lambda p: p[0]), []
+        for due, body in todo:
+            time.sleep(max(0.0, due - time.monotonic()))
+            self.outcomes.append((body, self.executor.execute(body, self.tasks)))
+        return len(todo)
+
+
+def drain(saga: Saga, *, timeout: float = 30.0, tasks: TaskCaller | None = None) -> list[
+    tuple[dict[str, Any], str]
+]:
+    """Run every ready step (and retries as they fall due) until the outbox is empty.
+
+    Returns each executed message with its outcome. Raises ``TimeoutError`` past ``timeout``.
+    """
+    publisher = InlinePublisher(Executor(saga, worker_id="inline"), tasks)
+    relay = Relay(saga, publisher, batch_size=50, lookahead=0.5)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        relay.publish_batch()
+        if publisher.run_pending():
+            continue
+        with saga.engine.connect() as conn:
+            due = saga.lifecycle.outbox.seconds_to_next_due(conn)
+        if due is None:
+            return publisher.outcomes
+        time.sleep(min(max(due, 0.01), 0.5))
+    raise TimeoutError(f"workflows still had messages after {timeout}s")
