@@ -31,7 +31,7 @@ def install(celery_app: object, engine: Saga) -> object:
     """Wire ``engine`` into the Celery app (see :func:`saga.celery_adapter.install`)."""
     from saga.celery_adapter import install as _install
 
-    return _install(celery_app, engine)  # type: ignore[arg-type]
+    return _install(celery_app, engine)
 
 
 __all__ = [

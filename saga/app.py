@@ -92,9 +92,7 @@ class Saga:
             target, wf, input, key=key, trace_context=telemetry.capture_context()
         )
 
-    def start_now(
-        self, workflow: Workflow | str, input: Any, *, key: str | None = None
-    ) -> Started:
+    def start_now(self, workflow: Workflow | str, input: Any, *, key: str | None = None) -> Started:
         """Start a run in a transaction of its own (for scripts and tests)."""
         with self.engine.begin() as conn:
             return self.start(conn, workflow, input, key=key)
@@ -103,7 +101,9 @@ class Saga:
 
     def cancel(self, run: str, reason: str | None = None) -> str:
         """Cancel a running run: it stops, compensates and ends ``cancelled``."""
-        return self._in_tx(lambda c: self.lifecycle.cancel_in_tx(c, self.resolve_run(c, run), reason))
+        return self._in_tx(
+            lambda c: self.lifecycle.cancel_in_tx(c, self.resolve_run(c, run), reason)
+        )
 
     def retry(self, run: str, from_step: str | None = None) -> str:
         """Retry a ``failed`` run from the step that failed (or ``from_step``), or the failed
@@ -144,8 +144,7 @@ class Saga:
     def autocommit(self) -> Iterator[Connection]:
         """A connection on which each statement is its own transaction (the hot path)."""
         with self.engine.connect() as conn:
-            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield conn
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
     def _in_tx(self, fn: Callable[[Connection], T]) -> T:
         with self.engine.begin() as conn:

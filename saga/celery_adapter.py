@@ -66,7 +66,9 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
     executor = Executor(saga)
     caller = _TaskCaller(app)
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+    @app.task(  # type: ignore[untyped-decorator]
+        name=TASK_NAME, bind=True, acks_late=True, ignore_result=True
+    )
     def execute(self: Any, *args: Any, **kwargs: Any) -> str:
         if args:
             logs.event(log, logging.WARNING, "dropped a step message with positional args")
@@ -86,7 +88,7 @@ def engine_of(app: Celery) -> Saga:
     try:
         return _ENGINES[app]
     except KeyError:
-        raise SagaError("this Celery app has no saga engine: call saga.install(app, saga)") from None
+        raise SagaError("no saga engine is installed on this Celery app") from None
 
 
 def task_id(run_id: str, kind: str, step: str, attempt: int) -> str:
@@ -94,7 +96,7 @@ def task_id(run_id: str, kind: str, step: str, attempt: int) -> str:
     return str(uuid.uuid5(_TASK_ID_NS, f"{run_id}:{kind}:{step}:{attempt}"))
 
 
-class PublishTimeout(SagaError):
+class PublishTimeoutError(SagaError):
     """Publishing did not finish within its deadline (the broker may be unreachable)."""
 
     retryable = True
@@ -119,7 +121,7 @@ class CeleryPublisher:
         countdown: float | None,
         headers: Mapping[str, str] | None,
     ) -> None:
-        """Publish one message or raise (``PublishTimeout`` past the deadline)."""
+        """Publish one message or raise (``PublishTimeoutError`` past the deadline)."""
         options: dict[str, Any] = {
             "kwargs": dict(body),
             "task_id": task_id(body["run_id"], body["kind"], body["step"], body["attempt"]),
@@ -141,9 +143,9 @@ class CeleryPublisher:
         except concurrent.futures.TimeoutError:
             # The stuck thread is abandoned with its connection; start afresh.
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-publish")
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-pub")
             self.app.pool.force_close_all()
-            raise PublishTimeout(f"publish took over {self.timeout}s") from None
+            raise PublishTimeoutError(f"publish took over {self.timeout}s") from None
 
     def close(self) -> None:
         """Release the publishing thread."""

@@ -116,7 +116,7 @@ class Workflow:
         """Declare the decorated function ``fn(ctx) -> JSON`` as a step; returns it unchanged."""
 
         def decorate(fn: F) -> F:
-            step_name = name or getattr(fn, "__name__", "")
+            step_name: str = name or str(getattr(fn, "__name__", ""))
             self.add_step(
                 step_name,
                 fn,
@@ -271,7 +271,9 @@ class Workflow:
         if found is None:
             label = getattr(ref, "__name__", repr(ref))
             raise DefinitionError(
-                self.name, f"refers to {label!r}, which is not a step of this workflow", (str(name),)
+                self.name,
+                f"refers to {label!r}, which is not a step of this workflow",
+                (str(name),),
             )
         return found
 
@@ -303,7 +305,9 @@ class Workflow:
         if s.queue is not None and (not isinstance(s.queue, str) or not _NAME.match(s.queue)):
             raise DefinitionError(self.name, f"bad queue name {s.queue!r}", (name,))
         if s.priority is not None and (
-            isinstance(s.priority, bool) or not isinstance(s.priority, int) or not 0 <= s.priority <= 9
+            isinstance(s.priority, bool)
+            or not isinstance(s.priority, int)
+            or not 0 <= s.priority <= 9
         ):
             raise DefinitionError(self.name, "priority must be an int from 0 to 9", (name,))
         if s.time_limit is not None:

@@ -37,7 +37,7 @@ class UnknownRunError(SagaError, LookupError):
 
 
 class InvalidTransitionError(SagaError):
-    """An operator action does not apply to the run's current state (e.g. cancelling a finished run)."""
+    """An operator action does not apply to the run's state (e.g. cancelling a finished run)."""
 
 
 class DefinitionMismatchError(SagaError):

@@ -27,7 +27,7 @@ log = logging.getLogger("saga.worker")
 KINDS = ("step", "compensation")
 
 
-class MalformedMessage(ValueError):
+class MalformedMessageError(ValueError):
     """A message that is not a saga step message."""
 
 
@@ -44,23 +44,23 @@ class StepMessage:
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> StepMessage:
-        """Validate a message body; :class:`MalformedMessage` says what is wrong."""
+        """Validate a message body; :class:`MalformedMessageError` says what is wrong."""
         if not isinstance(body, Mapping):
-            raise MalformedMessage(f"body is a {type(body).__name__}, not an object")
+            raise MalformedMessageError(f"body is a {type(body).__name__}, not an object")
         unknown = set(body) - {"run_id", "workflow", "version", "kind", "step", "attempt"}
         if unknown:
-            raise MalformedMessage(f"unknown fields {sorted(unknown)}")
+            raise MalformedMessageError(f"unknown fields {sorted(unknown)}")
         try:
             run_id = str(uuid.UUID(str(body["run_id"])))
             workflow, step, kind = body["workflow"], body["step"], body["kind"]
             version, attempt = body["version"], body["attempt"]
         except (KeyError, ValueError) as exc:
-            raise MalformedMessage(f"bad or missing field: {exc}") from None
+            raise MalformedMessageError(f"bad or missing field: {exc}") from None
         if not isinstance(workflow, str) or not isinstance(step, str) or kind not in KINDS:
-            raise MalformedMessage("workflow and step must be strings, kind step|compensation")
+            raise MalformedMessageError("workflow and step must be strings, kind step|compensation")
         for name, value in (("version", version), ("attempt", attempt)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MalformedMessage(f"{name} must be an int >= 1")
+                raise MalformedMessageError(f"{name} must be an int >= 1")
         return cls(run_id, workflow, version, kind, step, attempt)
 
     @property
@@ -101,11 +101,11 @@ class Executor:
         ``retry_scheduled``, ``failed``, ``duplicate``, ``malformed``, ``unknown``)."""
         try:
             msg = StepMessage.parse(body)
-        except MalformedMessage as exc:
+        except MalformedMessageError as exc:
             logs.event(log, logging.WARNING, f"dropped a malformed step message: {exc}")
             return "malformed"
-        fields = {"run_id": msg.run_id, "workflow": msg.workflow, "step": msg.step}
-        fields |= {"kind": msg.kind, "attempt": msg.attempt}
+        fields: dict[str, Any] = {"run_id": msg.run_id, "workflow": msg.workflow}
+        fields |= {"step": msg.step, "kind": msg.kind, "attempt": msg.attempt}
         try:
             wf = self.saga.registry.get(msg.workflow, msg.version)
         except UnknownWorkflowError:
@@ -126,11 +126,11 @@ class Executor:
         if claim.workflow != msg.workflow or claim.version != msg.version:
             return self._fail(wf, claim, SagaError("message names another workflow"), False)
         if claim.definition_hash != wf.definition_hash:
-            exc = SagaError(
+            changed = SagaError(
                 f"workflow {wf.name!r} v{wf.version} changed under this run: it started with "
                 f"definition {claim.definition_hash}, this worker has {wf.definition_hash}"
             )
-            return self._fail(wf, claim, exc, False)
+            return self._fail(wf, claim, changed, False)
         return self._run(wf, claim, tasks, fields)
 
     def _run(

@@ -158,14 +158,17 @@ class Lifecycle:
                 raise InvalidTransitionError("--from applies to failed runs, not compensations")
             failed = StepStore.names(rows, "compensation", "failed")
             reset = self.steps.reset(conn, run_id, "compensation", dict.fromkeys(failed, 0))
-            back = "cancelling" if (run["error"] or {}).get("type") == "cancelled" else "compensating"
+            cancelled = (run["error"] or {}).get("type") == "cancelled"
+            back = "cancelling" if cancelled else "compensating"
             self.runs.set_state(conn, run_id, ["compensation_failed"], back)
             self._enqueue_ready(conn, run, wf, "compensation", reset)
-            self.history.append(conn, run_id, "operator_retry", detail={"compensations": sorted(failed)})
+            detail = {"compensations": sorted(failed)}
+            self.history.append(conn, run_id, "operator_retry", detail=detail)
             return back
         if run["state"] != "failed":
             raise InvalidTransitionError(
-                f"run {run_id} is {run['state']}: only failed or compensation_failed runs can be retried"
+                f"run {run_id} is {run['state']}: "
+                "only failed or compensation_failed runs can be retried"
             )
         completed = StepStore.names(rows, "step", "completed")
         restart: set[str] = set()
@@ -179,9 +182,8 @@ class Lifecycle:
             conn, run_id, ["failed"], "running", finished=False, steps_remaining=len(pending)
         )
         self._enqueue_ready(conn, run, wf, "step", reset)
-        self.history.append(
-            conn, run_id, "operator_retry", detail={"from": sorted(s for s, n in pending.items() if n == 0)}
-        )
+        ready = sorted(s for s, n in pending.items() if n == 0)
+        self.history.append(conn, run_id, "operator_retry", detail={"from": ready})
         return "running"
 
     def resolve_in_tx(self, conn: Connection, run_id: str, reason: str) -> str:
@@ -189,7 +191,10 @@ class Lifecycle:
         if not reason or not reason.strip():
             raise InvalidTransitionError("a reason is required to resolve a run")
         run = self._locked(conn, run_id)
-        if not self.runs.set_state(conn, run_id, ["compensation_failed"], "resolved", finished=True):
+        moved = self.runs.set_state(
+            conn, run_id, ["compensation_failed"], "resolved", finished=True
+        )
+        if not moved:
             raise InvalidTransitionError(
                 f"run {run_id} is {run['state']}: only compensation_failed runs can be resolved"
             )

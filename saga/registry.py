@@ -24,7 +24,9 @@ class Registry:
         if existing is workflow:
             return workflow
         if existing is not None:
-            raise DefinitionError(workflow.name, f"version {workflow.version} is already registered")
+            raise DefinitionError(
+                workflow.name, f"version {workflow.version} is already registered"
+            )
         workflow.freeze()
         self._by_key[key] = workflow
         return workflow

@@ -8,6 +8,7 @@ with backoff. On SIGTERM it finishes its batch and exits 0. It also runs the swe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -124,7 +125,7 @@ class Relay:
             retry=tenacity.retry_if_exception_type(Exception),
             stop=tenacity.stop_when_event_set(self.stopping),
             before_sleep=self._log_outage,
-            sleep=self.stopping.wait,
+            sleep=self._backoff,
             reraise=False,
         )
         last_sweep = 0.0
@@ -144,6 +145,9 @@ class Relay:
                 self._wait()
         self._close_listener()
         logs.event(log, logging.INFO, "relay stopped")
+
+    def _backoff(self, seconds: float) -> None:
+        self.stopping.wait(seconds)
 
     def stop(self) -> None:
         """Finish the current batch and return from :meth:`run`."""
@@ -185,10 +189,8 @@ class Relay:
 
     def _close_listener(self) -> None:
         if self._listener is not None:
-            try:
+            with contextlib.suppress(psycopg.Error):
                 self._listener.close()
-            except psycopg.Error:
-                pass
             self._listener = None
 
 

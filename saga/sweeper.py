@@ -100,13 +100,25 @@ class Sweeper:
                 outcome = self.saga.lifecycle.fail_attempt_in_tx(conn, ref, error, delay)
                 if outcome != "duplicate":
                     self.saga.lifecycle.history.append(
-                        conn, ref.run_id, "lease_expired", kind=ref.kind, step=ref.step,
-                        attempt=ref.attempt, detail={"outcome": outcome},
+                        conn,
+                        ref.run_id,
+                        "lease_expired",
+                        kind=ref.kind,
+                        step=ref.step,
+                        attempt=ref.attempt,
+                        detail={"outcome": outcome},
                     )
                     count += 1
             logs.event(
-                log, logging.WARNING, "lease expired", run_id=ref.run_id, workflow=wf.name,
-                step=ref.step, kind=ref.kind, attempt=ref.attempt, outcome=outcome,
+                log,
+                logging.WARNING,
+                "lease expired",
+                run_id=ref.run_id,
+                workflow=wf.name,
+                step=ref.step,
+                kind=ref.kind,
+                attempt=ref.attempt,
+                outcome=outcome,
             )
         return count
 
@@ -118,8 +130,12 @@ class Sweeper:
             )
             for row in rows:
                 self.saga.lifecycle.history.append(
-                    conn, row["run_id"], "message_republished", kind=row["kind"],
-                    step=row["step"], attempt=row["attempt"],
+                    conn,
+                    row["run_id"],
+                    "message_republished",
+                    kind=row["kind"],
+                    step=row["step"],
+                    attempt=row["attempt"],
                 )
         for row in rows:
             logs.event(log, logging.WARNING, "message never started; publishing again", **row)
@@ -136,7 +152,9 @@ class Sweeper:
                 if run is None or run["state"] != "running":
                     continue
                 error = {"type": "saga.DeadlineExceeded", "message": "the run's deadline passed"}
-                lifecycle.runs.set_state(conn, run_id, ["running"], "compensating", error=dumps(error))
+                lifecycle.runs.set_state(
+                    conn, run_id, ["running"], "compensating", error=dumps(error)
+                )
                 lifecycle.history.append(conn, run_id, "deadline_exceeded")
                 run["state"] = "compensating"
                 lifecycle.advance_in_tx(conn, run)

@@ -51,9 +51,9 @@ class InlinePublisher:
         return len(todo)
 
 
-def drain(saga: Saga, *, timeout: float = 30.0, tasks: TaskCaller | None = None) -> list[
-    tuple[dict[str, Any], str]
-]:
+def drain(
+    saga: Saga, *, timeout: float = 30.0, tasks: TaskCaller | None = None
+) -> list[tuple[dict[str, Any], str]]:
     """Run every ready step (and retries as they fall due) until the outbox is empty.
 
     Returns each executed message with its outcome. Raises ``TimeoutError`` past ``timeout``.

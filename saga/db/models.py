@@ -12,6 +12,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -101,7 +102,7 @@ class Run(Base):
 
 
 class StepRun(Base):
-    """A step's (``kind='step'``) or a compensation's (``kind='compensation'``) progress in a run."""
+    """Progress of a step (``kind='step'``) or a compensation (``kind='compensation'``)."""
 
     __tablename__ = "step_runs"
     __table_args__ = (
@@ -155,7 +156,7 @@ class OutboxMessage(Base):
         ),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     run_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
     )
@@ -181,7 +182,7 @@ class HistoryEntry(Base):
         Index("ix_history_run_id_id", "run_id", "id"),
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     run_id: Mapped[uuid.UUID] = mapped_column(
         UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE")
     )

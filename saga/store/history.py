@@ -35,7 +35,7 @@ class HistoryStore:
         detail: Any = None,
     ) -> None:
         """Record one transition in the caller's transaction."""
-        params = {"run_id": run_id, "event": event, "kind": kind, "step": step}
+        params: dict[str, Any] = {"run_id": run_id, "event": event, "kind": kind, "step": step}
         params |= {"attempt": attempt, "detail": None if detail is None else dumps(detail)}
         conn.execute(self._append, params)
 

@@ -69,7 +69,8 @@ class OutboxStore:
         """Write messages (``step``, ``attempt``, ``queue``, ``priority``, ``time_limit``,
         ``delay`` in seconds) in the caller's transaction."""
         if messages:
-            params = {"run_id": run_id, "kind": kind, "rows": dumps(list(messages))}
+            params: dict[str, Any] = {"run_id": run_id, "kind": kind}
+            params["rows"] = dumps(list(messages))
             params["trace"] = None if trace_context is None else dumps(trace_context)
             conn.execute(self._enqueue, params)
 

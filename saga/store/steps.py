@@ -93,9 +93,7 @@ class StepStore:
         """Mark steps that never started ``skipped``; their names."""
         return [r[0] for r in conn.execute(self._skip_unstarted, {"run_id": run_id})]
 
-    def insert(
-        self, conn: Connection, run_id: str, kind: str, pending: dict[str, int]
-    ) -> None:
+    def insert(self, conn: Connection, run_id: str, kind: str, pending: dict[str, int]) -> None:
         """Create rows: ``ready`` (attempt 1) where nothing is pending, else ``waiting``."""
         rows = [{"step": s, "pending": n} for s, n in pending.items()]
         conn.execute(self._insert, {"run_id": run_id, "kind": kind, "rows": dumps(rows)})

@@ -31,7 +31,10 @@ def outbox(saga: Saga) -> list[tuple[str, str, int]]:
 def claim(saga: Saga, run_id: str, step: str, attempt: int = 1, deps: tuple[str, ...] = ()) -> Any:
     with saga.autocommit() as conn:
         return saga.transitions.claim(
-            conn, AttemptRef(run_id, "step", step, attempt), deps=deps, lease_seconds=30,
+            conn,
+            AttemptRef(run_id, "step", step, attempt),
+            deps=deps,
+            lease_seconds=30,
             worker="test",
         )
 
@@ -41,8 +44,12 @@ def complete(saga: Saga, run_id: str, step: str, result: Any, attempt: int = 1) 
     release = graph.dependents(wf.after_map)[step]
     with saga.autocommit() as conn:
         return saga.transitions.complete(
-            conn, AttemptRef(run_id, "step", step, attempt), dumps(result), release=release,
-            routes=[route(wf, s) for s in release], sinks=graph.sinks(wf.after_map),
+            conn,
+            AttemptRef(run_id, "step", step, attempt),
+            dumps(result),
+            release=release,
+            routes=[route(wf, s) for s in release],
+            sinks=graph.sinks(wf.after_map),
         )
 
 
@@ -52,7 +59,12 @@ def test_start_writes_the_run_its_steps_and_its_first_messages(saga_engine: Saga
     assert run["state"] == "running"
     assert run["definition_hash"] == saga_engine.registry.get("it.diamond").definition_hash
     states = {s["step"]: (s["state"], s["pending_deps"]) for s in run["steps"]}
-    assert states == {"a": ("ready", 0), "b": ("waiting", 1), "c": ("waiting", 1), "d": ("waiting", 2)}
+    assert states == {
+        "a": ("ready", 0),
+        "b": ("waiting", 1),
+        "c": ("waiting", 1),
+        "d": ("waiting", 2),
+    }
     assert outbox(saga_engine) == [("a", "step", 1)]
 
 
@@ -187,8 +199,12 @@ def test_a_fifty_way_join_completed_from_fifty_connections_is_ready_exactly_once
                 barrier.wait(timeout=30)
                 results.append(
                     saga_engine.transitions.complete(
-                        conn, AttemptRef(run_id, "step", step, 1), "{}", release=["join"],
-                        routes=[route(wf, "join")], sinks=["join"],
+                        conn,
+                        AttemptRef(run_id, "step", step, 1),
+                        "{}",
+                        release=["join"],
+                        routes=[route(wf, "join")],
+                        sinks=["join"],
                     )
                 )
         except BaseException as exc:  # pragma: no cover - surfaced below
@@ -218,10 +234,13 @@ def test_a_transient_failure_schedules_a_durable_retry_through_the_outbox(
         )
     assert outcome == "retry_scheduled"
     assert outbox(saga_engine) == [("a", "step", 2)]
-    assert count(
-        saga_engine,
-        "SELECT count(*) FROM saga.outbox WHERE available_at > now() + interval '50 seconds'",
-    ) == 1, "the retry is due later, and the due time is stored"
+    assert (
+        count(
+            saga_engine,
+            "SELECT count(*) FROM saga.outbox WHERE available_at > now() + interval '50 seconds'",
+        )
+        == 1
+    ), "the retry is due later, and the due time is stored"
     a = next(s for s in saga_engine.get_run(run_id)["steps"] if s["step"] == "a")
     assert (a["state"], a["attempt"], a["error"]) == ("ready", 2, {"message": "503"})
     assert claim(saga_engine, run_id, "a", attempt=1) is None, "the old attempt is stale"
@@ -239,7 +258,9 @@ def test_a_permanent_failure_with_nothing_to_undo_ends_the_run_failed(saga_engin
     assert run["state"] == "failed"
     assert run["error"]["step"] == "a" and run["error"]["message"] == "declined"
     assert {s["step"]: s["state"] for s in run["steps"]} == {
-        "a": "failed", "b": "skipped", "c": "skipped"
+        "a": "failed",
+        "b": "skipped",
+        "c": "skipped",
     }
     assert outbox(saga_engine) == []
 
@@ -266,8 +287,14 @@ def test_a_definition_changed_under_a_running_run_is_detected_not_mixed(
     changed = Workflow("it.linear")  # same name and version, another graph
     changed.add_step("a", lambda ctx: "other code")
     other = Saga(Registry(changed), engine=saga_engine.engine)
-    body = {"run_id": run_id, "workflow": "it.linear", "version": 1, "kind": "step",
-            "step": "a", "attempt": 1}
+    body = {
+        "run_id": run_id,
+        "workflow": "it.linear",
+        "version": 1,
+        "kind": "step",
+        "step": "a",
+        "attempt": 1,
+    }
     assert Executor(other).execute(body) == "failed"
     run = saga_engine.get_run(run_id)
     assert run["state"] == "failed"
