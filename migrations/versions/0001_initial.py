@@ -71,6 +71,10 @@ def upgrade() -> None:
         "uq_runs_workflow_business_key", "runs", ["workflow", "business_key"], unique=True,
         postgresql_where=sa.text("business_key IS NOT NULL"), schema=schema,
     )
+    op.create_index(
+        "ix_runs_business_key", "runs", ["business_key"],
+        postgresql_where=sa.text("business_key IS NOT NULL"), schema=schema,
+    )
     op.create_index("ix_runs_created_at", "runs", ["created_at"], schema=schema)
     op.create_index("ix_runs_state_created_at", "runs", ["state", "created_at"], schema=schema)
     op.create_index("ix_runs_workflow_state", "runs", ["workflow", "state"], schema=schema)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from importlib import resources
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, inspect
+
+if TYPE_CHECKING:  # alembic is imported when migrating, not on every `import saga`
+    from alembic.config import Config
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 VERSION_TABLE = "saga_alembic_version"
@@ -23,6 +23,8 @@ def check_schema_name(schema: str) -> str:
 
 
 def _config(schema: str) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(resources.files("saga.migrations")))
     cfg.attributes["schema"] = check_schema_name(schema)
@@ -35,6 +37,8 @@ def _engine(url_or_engine: str | Engine) -> Engine:
 
 def upgrade(url_or_engine: str | Engine, schema: str = "saga", revision: str = "head") -> None:
     """Migrate saga's schema up to ``revision``."""
+    from alembic import command
+
     engine = _engine(url_or_engine)
     cfg = _config(schema)
     with engine.begin() as conn:
@@ -44,6 +48,8 @@ def upgrade(url_or_engine: str | Engine, schema: str = "saga", revision: str = "
 
 def downgrade(url_or_engine: str | Engine, schema: str = "saga", revision: str = "base") -> None:
     """Migrate saga's schema down to ``revision`` (``base`` removes every table)."""
+    from alembic import command
+
     engine = _engine(url_or_engine)
     cfg = _config(schema)
     with engine.begin() as conn:
@@ -53,6 +59,8 @@ def downgrade(url_or_engine: str | Engine, schema: str = "saga", revision: str =
 
 def current(url_or_engine: str | Engine, schema: str = "saga") -> str | None:
     """The revision saga's schema is at, or ``None`` when it was never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
     engine = _engine(url_or_engine)
     with engine.connect() as conn:
         if not inspect(conn).has_table(VERSION_TABLE, schema=check_schema_name(schema)):
@@ -65,4 +73,6 @@ def current(url_or_engine: str | Engine, schema: str = "saga") -> str | None:
 
 def head() -> str | None:
     """The newest revision this version of saga ships."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_config("saga")).get_current_head()

@@ -71,6 +71,11 @@ class Run(Base):
             unique=True,
             postgresql_where=text("business_key IS NOT NULL"),
         ),
+        Index(
+            "ix_runs_business_key",
+            "business_key",
+            postgresql_where=text("business_key IS NOT NULL"),
+        ),
         Index("ix_runs_created_at", "created_at"),
         Index("ix_runs_state_created_at", "state", "created_at"),
         Index("ix_runs_workflow_state", "workflow", "state"),

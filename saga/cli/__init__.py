@@ -1,0 +1,1 @@
+"""The ``saga`` command line: status, lists, graphs, operator actions and migrations."""

@@ -1,0 +1,177 @@
+"""Commands that change things: operator actions on runs (``retry``, ``cancel``,
+``resolve``), migrations (``saga db``) and the relay."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from saga.cli import queries
+from saga.cli.config import CliError, Config, ExitCode, load_app, mask_url
+from saga.cli.options import app_option, config_of, db_options, json_option, output_of
+from saga.store.base import Tables
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask ``question`` on a terminal; without one, refuse unless ``--yes`` was given."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError(
+            "refusing to act without confirmation: stdin is not a terminal (pass --yes)",
+            ExitCode.USAGE,
+        )
+    if not click.confirm(question, default=False, err=True):
+        raise CliError("not confirmed; nothing was changed", ExitCode.ERROR)
+
+
+def _engine_run(config: Config, ref: str) -> tuple[Any, dict[str, Any]]:
+    _, saga = load_app(config.require_app(), database_url=config.database_url, schema=config.schema)
+    with saga.engine.connect() as conn:
+        run = queries.find_run(conn, Tables(saga.settings.schema), ref)
+    return saga, run
+
+
+def _done(ctx: click.Context, action: str, run: dict[str, Any], state: str, as_json: bool) -> None:
+    out = output_of(ctx)
+    if as_json:
+        out.json({"run_id": run["id"], "action": action, "previous_state": run["state"],
+                  "state": state})
+    else:
+        out.line(f"run {run['id']} ({run['workflow']}): {run['state']} -> {state}")
+
+
+yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+
+
+@click.command()
+@click.argument("run")
+@click.option("--from", "from_step", metavar="STEP", help="Rerun from this step (failed runs).")
+@yes_option
+@json_option
+@app_option
+@db_options
+@click.pass_context
+def retry(ctx: click.Context, run: str, from_step: str | None, yes: bool, as_json: bool) -> None:
+    """Retry a failed run from its failed step (or --from STEP), or the failed
+    compensations of a compensation_failed run."""
+    saga, row = _engine_run(config_of(ctx), run)
+    where = f" from step {from_step!r}" if from_step else ""
+    confirm(f"Retry run {row['id']} ({row['workflow']}, {row['state']}){where}?", yes)
+    _done(ctx, "retry", row, saga.retry(str(row["id"]), from_step), as_json)
+
+
+@click.command()
+@click.argument("run")
+@click.option("--reason", help="Why (kept in the run's error and history).")
+@yes_option
+@json_option
+@app_option
+@db_options
+@click.pass_context
+def cancel(ctx: click.Context, run: str, reason: str | None, yes: bool, as_json: bool) -> None:
+    """Cancel a running run: it stops, compensates what it did and ends cancelled."""
+    saga, row = _engine_run(config_of(ctx), run)
+    confirm(f"Cancel run {row['id']} ({row['workflow']}, {row['state']})?", yes)
+    _done(ctx, "cancel", row, saga.cancel(str(row["id"]), reason), as_json)
+
+
+@click.command()
+@click.argument("run")
+@click.option("--reason", required=True, help="What the operator did (kept in the history).")
+@yes_option
+@json_option
+@app_option
+@db_options
+@click.pass_context
+def resolve(ctx: click.Context, run: str, reason: str, yes: bool, as_json: bool) -> None:
+    """Mark a compensation_failed run resolved by hand."""
+    saga, row = _engine_run(config_of(ctx), run)
+    confirm(f"Mark run {row['id']} ({row['workflow']}, {row['state']}) resolved?", yes)
+    _done(ctx, "resolve", row, saga.resolve(str(row["id"]), reason), as_json)
+
+
+@click.group()
+def db() -> None:
+    """Migrate saga's tables in the configured database and schema."""
+
+
+@db.command()
+@click.option("--revision", default="head", show_default=True)
+@db_options
+@click.pass_context
+def upgrade(ctx: click.Context, revision: str) -> None:
+    """Migrate up to REVISION."""
+    from saga.db import migrate
+
+    config = config_of(ctx)
+    config.tables()
+    migrate.upgrade(config.engine(), schema=config.schema, revision=revision)
+    now = migrate.current(config.engine(), schema=config.schema)
+    output_of(ctx).line(
+        f"{mask_url(config.url())} schema {config.schema}: at revision {now or 'base'}"
+    )
+
+
+@db.command()
+@click.option("--revision", default="base", show_default=True, help="'base' drops every table.")
+@yes_option
+@db_options
+@click.pass_context
+def downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
+    """Migrate down to REVISION (by default base: saga's tables and data are dropped)."""
+    from saga.db import migrate
+
+    config = config_of(ctx)
+    config.tables()
+    confirm(
+        f"Downgrade schema {config.schema} of {mask_url(config.url())} to {revision}?", yes
+    )
+    migrate.downgrade(config.engine(), schema=config.schema, revision=revision)
+    now = migrate.current(config.engine(), schema=config.schema)
+    output_of(ctx).line(
+        f"{mask_url(config.url())} schema {config.schema}: at revision {now or 'base'}"
+    )
+
+
+@db.command()
+@json_option
+@db_options
+@click.pass_context
+def current(ctx: click.Context, as_json: bool) -> None:
+    """Print the revision the schema is at and the newest one this saga ships."""
+    from saga.db import migrate
+
+    config = config_of(ctx)
+    config.tables()
+    now = migrate.current(config.engine(), schema=config.schema)
+    head = migrate.head()
+    doc = {"schema": config.schema, "current": now, "head": head, "up_to_date": now == head}
+    out = output_of(ctx)
+    if as_json:
+        out.json(doc)
+    else:
+        note = "up to date" if now == head else "needs 'saga db upgrade'"
+        out.line(f"schema {config.schema}: at {now or 'base (not migrated)'}, head {head} ({note})")
+
+
+@click.command()
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option(
+    "--poll-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
+    help="Seconds between polls when no notification arrives.",
+)
+@app_option
+@click.pass_context
+def relay(ctx: click.Context, batch_size: int, poll_interval: float) -> int:
+    """Run the outbox relay (and sweeper) for the engine bound to --app, until SIGTERM."""
+    app = config_of(ctx).require_app()
+    from saga import relay as relay_module
+
+    return int(relay_module.main(app, batch_size=batch_size, poll_interval=poll_interval))
+
+
+COMMANDS = (retry, cancel, resolve, db, relay)
+"""The commands this module adds to ``saga``."""

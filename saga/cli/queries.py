@@ -1,0 +1,216 @@
+"""The read queries behind ``saga status`` and ``saga list``, each written to use an index
+(they must stay fast with millions of runs)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from saga.cli.config import CliError, ExitCode
+from saga.store.base import Row, Tables
+
+LIST_COLUMNS = (
+    "id, workflow, version, state, business_key, created_at, updated_at, finished_at, "
+    "error->>'message' AS error_message"
+)
+
+# Distinct workflows by a loose index scan of ix_runs_workflow_state: one index probe per
+# workflow instead of reading every row.
+_WORKFLOWS = """
+WITH RECURSIVE w(name) AS (
+    (SELECT workflow FROM {runs} ORDER BY workflow LIMIT 1)
+    UNION ALL
+    SELECT (SELECT workflow FROM {runs} WHERE workflow > w.name ORDER BY workflow LIMIT 1)
+    FROM w WHERE w.name IS NOT NULL
+)
+SELECT name FROM w WHERE name IS NOT NULL
+"""
+# Counting per (workflow, state) pair: an index-only scan of ix_runs_workflow_state per pair.
+_COUNT_PAIR = "SELECT count(*) FROM {runs} WHERE workflow = :workflow AND state = :state"
+_BACKLOG = """
+SELECT count(*) AS unpublished,
+       count(*) FILTER (WHERE available_at <= now()) AS due,
+       min(available_at) FILTER (WHERE available_at <= now()) AS oldest_due_at,
+       now() AS now
+FROM {outbox} WHERE published_at IS NULL
+"""
+_EXPIRED = """
+SELECT s.run_id, r.workflow, s.kind, s.step, s.attempt, s.worker, s.lease_expires_at
+FROM {steps} s JOIN {runs} r ON r.id = s.run_id
+WHERE s.state = 'running' AND s.lease_expires_at < now()
+ORDER BY s.lease_expires_at LIMIT :limit
+"""
+_EXPIRED_COUNT = (
+    "SELECT count(*) FROM {steps} WHERE state = 'running' AND lease_expires_at < now()"
+)
+_OPERATOR = """
+SELECT id, workflow, version, business_key, created_at, updated_at,
+       error->>'message' AS error_message
+FROM {runs} WHERE state = 'compensation_failed'
+ORDER BY created_at DESC LIMIT :limit
+"""
+_OPERATOR_COUNT = "SELECT count(*) FROM {runs} WHERE state = 'compensation_failed'"
+_RUN_BY_ID = "SELECT * FROM {runs} WHERE id = :id"
+_RUN_BY_KEY = """
+SELECT * FROM {runs}
+WHERE workflow = ANY(CAST(:workflows AS text[])) AND business_key = :key
+ORDER BY created_at DESC LIMIT 2
+"""
+_STEPS = """
+SELECT kind, step, state, attempt, first_attempt, worker, created_at, started_at, finished_at,
+       due_at, lease_expires_at, error
+FROM {steps} WHERE run_id = :id
+ORDER BY kind DESC, coalesce(started_at, created_at), step
+"""
+_HISTORY = """
+SELECT id, at, event, kind, step, attempt, detail
+FROM {history} WHERE run_id = :id ORDER BY id
+"""
+
+
+def workflows(conn: Connection, tables: Tables) -> list[str]:
+    """Names of the workflows that have runs (by a loose index scan)."""
+    return [r[0] for r in conn.execute(tables.sql(_WORKFLOWS))]
+
+
+def counts(conn: Connection, tables: Tables, states: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """Runs by workflow and state, counted pair by pair on ``ix_runs_workflow_state``."""
+    out: dict[str, dict[str, int]] = {}
+    count_pair = tables.sql(_COUNT_PAIR)
+    for name in workflows(conn, tables):
+        row = out.setdefault(name, {})
+        for state in states:
+            n = conn.execute(count_pair, {"workflow": name, "state": state}).scalar_one()
+            if n:
+                row[state] = int(n)
+    return out
+
+
+def backlog(conn: Connection, tables: Tables) -> Row:
+    """Unpublished outbox rows, how many are due, and the age in seconds of the oldest due."""
+    row = dict(conn.execute(tables.sql(_BACKLOG)).mappings().one())
+    oldest = row.pop("oldest_due_at")
+    now = row.pop("now")
+    row["oldest_age_seconds"] = None if oldest is None else (now - oldest).total_seconds()
+    return row
+
+
+def expired_leases(conn: Connection, tables: Tables, limit: int) -> tuple[int, list[Row]]:
+    """How many running steps are past their lease, and the ``limit`` oldest of them."""
+    total = int(conn.execute(tables.sql(_EXPIRED_COUNT)).scalar_one())
+    rows = [dict(r) for r in conn.execute(tables.sql(_EXPIRED), {"limit": limit}).mappings()]
+    return total, rows
+
+
+def waiting_for_operator(conn: Connection, tables: Tables, limit: int) -> tuple[int, list[Row]]:
+    """How many runs are ``compensation_failed``, and the ``limit`` newest of them."""
+    total = int(conn.execute(tables.sql(_OPERATOR_COUNT)).scalar_one())
+    rows = [dict(r) for r in conn.execute(tables.sql(_OPERATOR), {"limit": limit}).mappings()]
+    return total, rows
+
+
+def find_run(conn: Connection, tables: Tables, ref: str) -> Row:
+    """The run whose id or business key is ``ref``; ``NOT_FOUND`` if none, or if the key
+    names runs of several workflows."""
+    try:
+        run_id = uuid.UUID(ref)
+    except ValueError:
+        names = workflows(conn, tables)
+        rows = conn.execute(
+            tables.sql(_RUN_BY_KEY), {"workflows": names, "key": ref}
+        ).mappings().all()
+        if len(rows) > 1:
+            raise CliError(
+                f"key {ref!r} names runs of several workflows; use the run id",
+                ExitCode.NOT_FOUND,
+            ) from None
+    else:
+        rows = conn.execute(tables.sql(_RUN_BY_ID), {"id": run_id}).mappings().all()
+    if not rows:
+        raise CliError(f"no run with id or key {ref!r}", ExitCode.NOT_FOUND)
+    return dict(rows[0])
+
+
+def run_steps(conn: Connection, tables: Tables, run_id: Any) -> list[Row]:
+    """The run's step and compensation rows."""
+    return [dict(r) for r in conn.execute(tables.sql(_STEPS), {"id": run_id}).mappings()]
+
+
+def run_history(conn: Connection, tables: Tables, run_id: Any) -> list[Row]:
+    """The run's history, oldest first."""
+    return [dict(r) for r in conn.execute(tables.sql(_HISTORY), {"id": run_id}).mappings()]
+
+
+@dataclass(frozen=True)
+class ListFilter:
+    """The filters and cursor of ``saga list``."""
+
+    states: tuple[str, ...] = ()
+    workflow: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    before: datetime | None = None
+    before_id: uuid.UUID | None = None
+    limit: int = 50
+    offset: int = 0
+
+
+def _where(f: ListFilter, params: dict[str, Any]) -> list[str]:
+    where: list[str] = []
+    if f.workflow is not None:
+        where.append("workflow = :workflow")
+        params["workflow"] = f.workflow
+    if f.key is not None:
+        where.append("business_key = :key")
+        params["key"] = f.key
+    if f.since is not None:
+        where.append("created_at >= :since")
+        params["since"] = f.since
+    if f.until is not None:
+        where.append("created_at < :until")
+        params["until"] = f.until
+    if f.before is not None and f.before_id is not None:
+        where.append("created_at <= :before AND (created_at, id) < (:before, :before_id)")
+        params["before"] = f.before
+        params["before_id"] = f.before_id
+    elif f.before is not None:
+        where.append("created_at < :before")
+        params["before"] = f.before
+    return where
+
+
+def list_runs(conn: Connection, tables: Tables, f: ListFilter) -> list[Row]:
+    """Runs matching ``f``, newest first: keyset pagination on ``(created_at, id)``.
+
+    One state reads ``ix_runs_state_created_at`` backwards; several states read it once per
+    state (``UNION ALL`` of limited scans) and merge, which is as cheap as one state.
+    """
+    params: dict[str, Any] = {"limit": f.limit, "offset": f.offset}
+    where = _where(f, params)
+    order = "ORDER BY created_at DESC, id DESC"
+    if len(f.states) > 1 and f.key is None:
+        parts = []
+        for i, state in enumerate(f.states):
+            params[f"s{i}"] = state
+            clause = " AND ".join([f"state = :s{i}", *where])
+            parts.append(
+                f"(SELECT {LIST_COLUMNS} FROM {{runs}} WHERE {clause} {order} "
+                "LIMIT :limit + :offset)"
+            )
+        sql = f"SELECT * FROM ({' UNION ALL '.join(parts)}) u {order} LIMIT :limit OFFSET :offset"
+    else:
+        if f.states:
+            where.append("state = ANY(CAST(:states AS text[]))")
+            params["states"] = list(f.states)
+        if f.key is not None and f.workflow is None:
+            # Use uq_runs_workflow_business_key, one probe per workflow.
+            where.append("workflow = ANY(CAST(:workflows AS text[]))")
+            params["workflows"] = workflows(conn, tables)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        sql = f"SELECT {LIST_COLUMNS} FROM {{runs}} {clause} {order} LIMIT :limit OFFSET :offset"
+    return [dict(r) for r in conn.execute(tables.sql(sql), params).mappings()]
