@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from saga import logs
+from saga import logs, telemetry
 from saga.app import Saga
 from saga.context import JSON
 from saga.errors import SagaError
@@ -24,6 +24,7 @@ from saga.executor import Executor
 
 log = logging.getLogger("saga.celery")
 TASK_NAME = "saga.execute"
+HARD_LIMIT_GRACE = 5.0
 _TASK_ID_NS = uuid.UUID("5a9a0000-0000-4000-8000-00000000a9a5")
 _ENGINES: weakref.WeakKeyDictionary[Celery, Saga] = weakref.WeakKeyDictionary()
 
@@ -73,7 +74,7 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         if args:
             logs.event(log, logging.WARNING, "dropped a step message with positional args")
             return "malformed"
-        return executor.execute(kwargs, caller)
+        return executor.execute(kwargs, caller, telemetry.carrier_from_request(self.request))
 
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _fresh_pool(**_: Any) -> None:
@@ -133,8 +134,9 @@ class CeleryPublisher:
         if priority is not None:
             options["priority"] = priority
         if time_limit:
-            options["soft_time_limit"] = time_limit
-            options["time_limit"] = time_limit + 5
+            # saga enforces the limit around the step's code (saga.timeouts); Celery's hard
+            # limit only kills a child whose code ignored that, and the lease takes over.
+            options["time_limit"] = time_limit + HARD_LIMIT_GRACE
         if countdown and countdown > 0:
             options["countdown"] = countdown
         future = self._pool.submit(self.app.send_task, TASK_NAME, **options)
@@ -144,8 +146,20 @@ class CeleryPublisher:
             # The stuck thread is abandoned with its connection; start afresh.
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-pub")
-            self.app.pool.force_close_all()
+            self._reset_broker_pools()
             raise PublishTimeoutError(f"publish took over {self.timeout}s") from None
+
+    def _reset_broker_pools(self) -> None:
+        """Drop every broker connection and producer; the next publish makes fresh ones.
+        (``app.pool.force_close_all()`` alone closes the pool for good: every later publish
+        fails with "Acquire on closed pool" and the relay never recovers.)"""
+        from kombu import pools
+
+        pools.reset()  # type: ignore[no-untyped-call]  # closes and forgets kombu's pools
+        self.app._pool = None
+        amqp = self.app.__dict__.get("amqp")
+        if amqp is not None:
+            amqp._producer_pool = None
 
     def close(self) -> None:
         """Release the publishing thread."""

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from saga import logs
+from saga import logs, telemetry
 from saga.app import Saga
 from saga.codec import encode
 from saga.context import StepContext
@@ -21,6 +21,7 @@ from saga.definition import Workflow
 from saga.errors import SagaError, UnknownWorkflowError
 from saga.starting import route
 from saga.steps import TaskCaller
+from saga.timeouts import time_limit
 from saga.transitions import AttemptRef, Claim
 
 log = logging.getLogger("saga.worker")
@@ -96,9 +97,15 @@ class Executor:
         self.saga = saga
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
-    def execute(self, body: Any, tasks: TaskCaller | None = None) -> str:
+    def execute(
+        self,
+        body: Any,
+        tasks: TaskCaller | None = None,
+        carrier: Mapping[str, str] | None = None,
+    ) -> str:
         """Run the attempt a message names; returns the outcome (``completed``,
-        ``retry_scheduled``, ``failed``, ``duplicate``, ``malformed``, ``unknown``)."""
+        ``retry_scheduled``, ``failed``, ``duplicate``, ``malformed``, ``unknown``).
+        ``carrier`` holds the message's trace headers, when the transport kept them."""
         try:
             msg = StepMessage.parse(body)
         except MalformedMessageError as exc:
@@ -123,6 +130,20 @@ class Executor:
         if claim is None:
             logs.event(log, logging.INFO, "dropped a stale or duplicate message", **fields)
             return "duplicate"
+        with telemetry.attempt(
+            wf.name, msg.run_id, msg.kind, msg.step, msg.attempt, claim.trace_context, carrier
+        ) as attempt:
+            attempt.outcome = self._claimed(wf, msg, claim, tasks, fields)
+        return attempt.outcome
+
+    def _claimed(
+        self,
+        wf: Workflow,
+        msg: StepMessage,
+        claim: Claim,
+        tasks: TaskCaller | None,
+        fields: dict[str, Any],
+    ) -> str:
         if claim.workflow != msg.workflow or claim.version != msg.version:
             return self._fail(wf, claim, SagaError("message names another workflow"), False)
         if claim.definition_hash != wf.definition_hash:
@@ -153,7 +174,9 @@ class Executor:
             step_result=claim.step_result,
         )
         try:
-            result = runner.run(ctx, tasks)
+            limit = wf.time_limit_for(ref.step)
+            with time_limit(limit, f"{ref.kind} {ref.step!r}"):
+                result = runner.run(ctx, tasks)
             result_json = encode(
                 result,
                 workflow=wf.name,
@@ -189,6 +212,7 @@ class Executor:
         return "completed"
 
     def _fail(self, wf: Workflow, claim: Claim, exc: BaseException, retryable: bool) -> str:
+        telemetry.record_exception(exc)
         ref = claim.ref
         policy = wf.retry_for(ref.step, ref.kind)
         delay = policy.delay_after(ref.attempt - claim.first_attempt + 1) if retryable else None

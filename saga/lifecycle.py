@@ -157,8 +157,16 @@ class Lifecycle:
             if from_step is not None:
                 raise InvalidTransitionError("--from applies to failed runs, not compensations")
             failed = StepStore.names(rows, "compensation", "failed")
-            reset = self.steps.reset(conn, run_id, "compensation", dict.fromkeys(failed, 0))
-            cancelled = (run["error"] or {}).get("type") == "cancelled"
+            # Ready compensations whose messages workers dropped while the run waited for an
+            # operator are sent again, under a new attempt number.
+            stranded = StepStore.names(rows, "compensation", "ready")
+            self.outbox.drop_unstarted(conn, run_id, "compensation")
+            reset = self.steps.reset(
+                conn, run_id, "compensation", dict.fromkeys(failed | stranded, 0)
+            )
+            # The compensation's failure replaced the run's error: the history still knows.
+            history = self.history.of_run(conn, run_id)
+            cancelled = any(h["event"] == "run_cancelling" for h in history)
             back = "cancelling" if cancelled else "compensating"
             self.runs.set_state(conn, run_id, ["compensation_failed"], back)
             self._enqueue_ready(conn, run, wf, "compensation", reset)
@@ -181,6 +189,8 @@ class Lifecycle:
         self.runs.set_state(
             conn, run_id, ["failed"], "running", finished=False, steps_remaining=len(pending)
         )
+        # A deadline that has passed would stop the retried run at once: it starts again.
+        self.runs.restart_deadline(conn, run_id, wf.deadline)
         self._enqueue_ready(conn, run, wf, "step", reset)
         ready = sorted(s for s, n in pending.items() if n == 0)
         self.history.append(conn, run_id, "operator_retry", detail={"from": ready})

@@ -21,7 +21,7 @@ import tenacity
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from saga import logs
+from saga import logs, metrics, telemetry
 from saga.app import Saga
 from saga.store.base import Row
 from saga.sweeper import Sweeper
@@ -101,14 +101,15 @@ class Relay:
         return len(published)
 
     def _publish(self, row: Row) -> None:
-        self.publisher.publish(
-            message_body(row),
-            queue=row["queue"],
-            priority=row["priority"],
-            time_limit=row["time_limit"],
-            countdown=row["countdown"] if row["countdown"] > 0 else None,
-            headers=row["trace_context"],
-        )
+        with telemetry.publishing(row) as headers:
+            self.publisher.publish(
+                message_body(row),
+                queue=row["queue"],
+                priority=row["priority"],
+                time_limit=row["time_limit"],
+                countdown=row["countdown"] if row["countdown"] > 0 else None,
+                headers=headers,
+            )
         if row["publish_count"]:
             logs.event(
                 log, logging.INFO, "published again", run_id=row["run_id"],
@@ -129,6 +130,7 @@ class Relay:
             reraise=False,
         )
         last_sweep = 0.0
+        metrics.observe(self.saga)
         while not self.stopping.is_set():
             try:
                 count = retrying(self.publish_batch)
@@ -144,6 +146,7 @@ class Relay:
             if count < self.batch_size:
                 self._wait()
         self._close_listener()
+        metrics.unobserve(self.saga)
         logs.event(log, logging.INFO, "relay stopped")
 
     def _backoff(self, seconds: float) -> None:

@@ -36,9 +36,13 @@ WITH run AS (
       AND sr.state = 'ready' AND sr.attempt = :attempt
     RETURNING sr.first_attempt, sr.result
 ), gone AS (
-    DELETE FROM {outbox}
-    WHERE run_id = :run_id AND kind = :kind AND step = :step AND attempt = :attempt
-      AND EXISTS (SELECT 1 FROM claimed)
+    -- A relay may still hold the row in its batch: skip it rather than wait; the sweeper
+    -- deletes what a claim left behind.
+    DELETE FROM {outbox} WHERE id IN (
+        SELECT id FROM {outbox}
+        WHERE run_id = :run_id AND kind = :kind AND step = :step AND attempt = :attempt
+          AND EXISTS (SELECT 1 FROM claimed)
+        FOR UPDATE SKIP LOCKED)
 ), logged AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)
     SELECT :run_id, 'step_started', :kind, :step, :attempt FROM claimed
@@ -82,7 +86,9 @@ WITH done AS (
         attempt = CASE WHEN sr.pending_deps = 1 THEN sr.attempt + 1 ELSE sr.attempt END
     FROM run
     WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = ANY(:release)
-      AND sr.state = 'waiting' AND run.state = ANY(:live)
+      AND sr.state = 'waiting'
+      AND (run.state = ANY(:live)
+           OR (:kind = 'compensation' AND run.state = 'compensation_failed'))
     RETURNING sr.step, sr.state, sr.attempt
 ), queued AS (
     INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context)
@@ -92,7 +98,7 @@ WITH done AS (
     JOIN jsonb_to_recordset(CAST(:routes AS jsonb))
          AS x(step text, queue text, priority int, time_limit float8) ON x.step = released.step
     CROSS JOIN run
-    WHERE released.state = 'ready'
+    WHERE released.state = 'ready' AND run.state = ANY(:live)
     RETURNING step
 ), logged AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)

@@ -18,7 +18,7 @@ SELECT :run_id, :kind, x.step, x.attempt, x.queue, x.priority, x.time_limit,
 FROM jsonb_to_recordset(CAST(:rows AS jsonb))
      AS x(step text, attempt int, queue text, priority int, time_limit float8, delay float8)
 """
-_DROP_UNSTARTED = "DELETE FROM {outbox} WHERE run_id = :run_id AND kind = 'step'"
+_DROP_UNSTARTED = "DELETE FROM {outbox} WHERE run_id = :run_id AND kind = :kind"
 _CLAIM_BATCH = """
 SELECT o.id, o.run_id::text AS run_id, r.workflow, r.version, o.kind, o.step, o.attempt,
        o.queue, o.priority, o.time_limit, o.publish_count, o.trace_context,
@@ -38,12 +38,23 @@ _NEXT_DUE = """
 SELECT EXTRACT(EPOCH FROM (min(available_at) - now())) FROM {outbox} WHERE published_at IS NULL
 """
 _REPUBLISH_STALE = """
-UPDATE {outbox} SET published_at = NULL
-WHERE id IN (
+UPDATE {outbox} o SET published_at = NULL
+WHERE o.id IN (
     SELECT id FROM {outbox}
     WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => :older)
     ORDER BY published_at LIMIT :limit FOR UPDATE SKIP LOCKED)
-RETURNING run_id::text, kind, step, attempt
+  AND EXISTS (SELECT 1 FROM {steps} s WHERE s.run_id = o.run_id AND s.kind = o.kind
+              AND s.step = o.step AND s.attempt = o.attempt AND s.state = 'ready')
+RETURNING o.run_id::text, o.kind, o.step, o.attempt
+"""
+_DELETE_CLAIMED = """
+DELETE FROM {outbox} o
+WHERE o.id IN (
+    SELECT id FROM {outbox}
+    WHERE published_at IS NOT NULL AND published_at < now() - make_interval(secs => :older)
+    ORDER BY published_at LIMIT :limit FOR UPDATE SKIP LOCKED)
+  AND NOT EXISTS (SELECT 1 FROM {steps} s WHERE s.run_id = o.run_id AND s.kind = o.kind
+                  AND s.step = o.step AND s.attempt = o.attempt AND s.state = 'ready')
 """
 
 
@@ -57,6 +68,7 @@ class OutboxStore:
         self._mark_published = tables.sql(_MARK_PUBLISHED)
         self._next_due = tables.sql(_NEXT_DUE)
         self._republish_stale = tables.sql(_REPUBLISH_STALE)
+        self._delete_claimed = tables.sql(_DELETE_CLAIMED)
 
     def enqueue(
         self,
@@ -74,9 +86,9 @@ class OutboxStore:
             params["trace"] = None if trace_context is None else dumps(trace_context)
             conn.execute(self._enqueue, params)
 
-    def drop_unstarted(self, conn: Connection, run_id: str) -> None:
-        """Delete the run's step messages no worker has claimed (the run has stopped)."""
-        conn.execute(self._drop_unstarted, {"run_id": run_id})
+    def drop_unstarted(self, conn: Connection, run_id: str, kind: str = "step") -> None:
+        """Delete the run's messages of ``kind`` no worker has claimed (the run has stopped)."""
+        conn.execute(self._drop_unstarted, {"run_id": run_id, "kind": kind})
 
     def claim_batch(self, conn: Connection, limit: int, lookahead: float) -> list[Row]:
         """Lock up to ``limit`` unpublished messages due within ``lookahead`` seconds,
@@ -95,8 +107,10 @@ class OutboxStore:
         return None if value is None else float(value)
 
     def republish_stale(self, conn: Connection, older_than: float, limit: int) -> list[Row]:
-        """Mark messages published over ``older_than`` seconds ago and still unclaimed for
-        publishing again: the broker may have lost them."""
+        """Mark messages published over ``older_than`` seconds ago whose attempt is still
+        ready for publishing again (the broker may have lost them); delete those whose attempt
+        started (a claim that found the row locked by a relay leaves it behind)."""
         params = {"older": older_than, "limit": limit}
+        conn.execute(self._delete_claimed, params)
         rows = conn.execute(self._republish_stale, params).all()
         return [{"run_id": r[0], "kind": r[1], "step": r[2], "attempt": r[3]} for r in rows]

@@ -27,6 +27,12 @@ RETURNING state
 """
 
 
+_RESTART_DEADLINE = """
+UPDATE {runs} SET deadline_at = now() + make_interval(secs => CAST(:seconds AS float8))
+WHERE id = :run_id
+"""
+
+
 class RunStore:
     """Reads and guarded state changes of runs."""
 
@@ -35,6 +41,7 @@ class RunStore:
         self._by_id = tables.sql(_BY_ID)
         self._by_key = tables.sql(_BY_KEY)
         self._set_state = tables.sql(_SET_STATE)
+        self._restart_deadline = tables.sql(_RESTART_DEADLINE)
 
     def lock(self, conn: Connection, run_id: str) -> Row | None:
         """The run's row, locked ``FOR UPDATE`` until the caller's transaction ends."""
@@ -73,3 +80,7 @@ class RunStore:
             "compensations_remaining": compensations_remaining,
         }
         return conn.execute(self._set_state, params).first() is not None
+
+    def restart_deadline(self, conn: Connection, run_id: str, seconds: float | None) -> None:
+        """Give the run a new deadline ``seconds`` from now (none when ``None``)."""
+        conn.execute(self._restart_deadline, {"run_id": run_id, "seconds": seconds})
