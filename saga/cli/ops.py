@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
@@ -170,6 +171,8 @@ def relay(ctx: click.Context, batch_size: int, poll_interval: float) -> int:
     app = config_of(ctx).require_app()
     from saga import relay as relay_module
 
+    log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO, format=log_format)
     return int(relay_module.main(app, batch_size=batch_size, poll_interval=poll_interval))
 
 

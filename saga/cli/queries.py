@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -116,9 +118,10 @@ def waiting_for_operator(conn: Connection, tables: Tables, limit: int) -> tuple[
 def find_run(conn: Connection, tables: Tables, ref: str) -> Row:
     """The run whose id or business key is ``ref``; ``NOT_FOUND`` if none, or if the key
     names runs of several workflows."""
-    try:
-        run_id = uuid.UUID(ref)
-    except ValueError:
+    rows: Sequence[Any] = []
+    with contextlib.suppress(ValueError):
+        rows = conn.execute(tables.sql(_RUN_BY_ID), {"id": uuid.UUID(ref)}).mappings().all()
+    if not rows:  # not a run id: a business key (which may look like a UUID too)
         names = workflows(conn, tables)
         rows = conn.execute(
             tables.sql(_RUN_BY_KEY), {"workflows": names, "key": ref}
@@ -128,8 +131,6 @@ def find_run(conn: Connection, tables: Tables, ref: str) -> Row:
                 f"key {ref!r} names runs of several workflows; use the run id",
                 ExitCode.NOT_FOUND,
             ) from None
-    else:
-        rows = conn.execute(tables.sql(_RUN_BY_ID), {"id": run_id}).mappings().all()
     if not rows:
         raise CliError(f"no run with id or key {ref!r}", ExitCode.NOT_FOUND)
     return dict(rows[0])

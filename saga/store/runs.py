@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import Any
 
@@ -50,12 +51,13 @@ class RunStore:
 
     def find(self, conn: Connection, ref: str, workflow: str | None = None) -> list[Row]:
         """Runs whose id or business key is ``ref`` (at most two: more means ambiguous)."""
-        try:
-            uuid.UUID(ref)
-        except ValueError:
-            params = {"ref": ref, "workflow": workflow}
-            return [dict(r) for r in conn.execute(self._by_key, params).mappings()]
-        return [dict(r) for r in conn.execute(self._by_id, {"ref": ref}).mappings()]
+        with contextlib.suppress(ValueError):
+            rows = conn.execute(self._by_id, {"ref": str(uuid.UUID(ref))}).mappings().all()
+            if rows:
+                return [dict(r) for r in rows]
+        # Not a run id: a business key (which may look like a UUID too).
+        params = {"ref": ref, "workflow": workflow}
+        return [dict(r) for r in conn.execute(self._by_key, params).mappings()]
 
     def set_state(
         self,

@@ -301,3 +301,11 @@ def test_a_definition_changed_under_a_running_run_is_detected_not_mixed(
     assert "changed under this run" in run["error"]["message"]
     a = next(s for s in run["steps"] if s["step"] == "a")
     assert a["result"] is None, "the changed code did not run"
+
+
+def test_a_business_key_that_looks_like_a_uuid_still_finds_its_run(saga_engine: Saga) -> None:
+    key = "6f1c2a9e-8d4b-4f7a-9c1e-2b3d4e5f6a7b"
+    run_id = saga_engine.start_now("it.linear", {}, key=key).run_id
+    assert run_id != key
+    assert str(saga_engine.get_run(key)["id"]) == run_id
+    assert str(saga_engine.get_run(run_id)["id"]) == run_id
