@@ -18,6 +18,8 @@ from saga import PermanentError, RetryPolicy, StepContext, Workflow
 
 registry = saga.Registry()
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.1)
+# Acceptance tests give each test a queue of its own (workers consume it with ``-Q``).
+QUEUE = os.environ.get("SAGA_TEST_QUEUE", "saga")
 
 
 def record(ctx: StepContext, note: str = "") -> None:
@@ -48,18 +50,39 @@ def _behaviour(ctx: StepContext) -> Any:
     return {"step": ctx.step, "attempt": ctx.attempt}
 
 
-linear = Workflow("test.linear", retry=FAST, time_limit=20)
-for _name, _after in (("first", []), ("second", ["first"]), ("third", ["second"])):
-    linear.add_step(_name, _behaviour, after=_after)
+def _linear(name: str, time_limit: float, queue: str) -> Workflow:
+    """first -> second -> third."""
+    wf = Workflow(name, retry=FAST, time_limit=time_limit, queue=queue)
+    for step, after in (("first", []), ("second", ["first"]), ("third", ["second"])):
+        wf.add_step(step, _behaviour, after=after)
+    return wf
 
-fan = Workflow("test.fan", retry=FAST, time_limit=20)
-fan.add_step("split", _behaviour)
-for _i in range(10):
-    fan.add_step(f"branch_{_i}", _behaviour, after=["split"])
-fan.add_step("join", _behaviour, after=[f"branch_{_i}" for _i in range(10)])
 
-registry.register(linear)
-registry.register(fan)
+def _fan(name: str, time_limit: float, queue: str) -> Workflow:
+    """split -> branch_0..branch_9 -> join."""
+    wf = Workflow(name, retry=FAST, time_limit=time_limit, queue=queue)
+    wf.add_step("split", _behaviour)
+    for i in range(10):
+        wf.add_step(f"branch_{i}", _behaviour, after=["split"])
+    wf.add_step("join", _behaviour, after=[f"branch_{i}" for i in range(10)])
+    return wf
+
+
+def workflows(queue: str = QUEUE) -> list[Workflow]:
+    """The test workflows with their messages on ``queue`` (a test process builds the same
+    definitions as its workers, to start runs they accept). The ``_quick`` ones have short
+    time limits, so a lost attempt's lease (time limit + SAGA_LEASE_GRACE) runs out quickly."""
+    return [
+        _linear("test.linear", 20, queue),
+        _fan("test.fan", 20, queue),
+        _linear("test.linear_quick", 3, queue),
+        _fan("test.fan_quick", 5, queue),
+    ]
+
+
+linear, fan, linear_quick, fan_quick = workflows()
+for _wf in (linear, fan, linear_quick, fan_quick):
+    registry.register(_wf)
 
 engine = saga.Saga(registry, database_url=os.environ["SAGA_DATABASE_URL"])
 app = Celery("saga-tests", broker=os.environ.get("SAGA_BROKER_URL", "redis://127.0.0.1:6379/5"))

@@ -1,0 +1,271 @@
+"""Executing workflows on a real system: Celery workers and a relay as processes, a real broker
+(Redis or RabbitMQ) and PostgreSQL, with crashes and outages along the way."""
+
+from __future__ import annotations
+
+import json
+import signal
+import uuid
+from collections import Counter
+
+import pytest
+from celery import Celery
+from kombu import Connection, Exchange, Producer, Queue
+
+from tests.acceptance.conftest import RedisServer, System
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+LINEAR_STEPS = ("first", "second", "third")
+FAN_STEPS = ("split", *(f"branch_{i}" for i in range(10)), "join")
+
+
+def step_counts(system: System, run_ids: list[str]) -> dict[str, Counter[str]]:
+    """How many times each step's code ran, per run."""
+    counts: dict[str, Counter[str]] = {r: Counter() for r in run_ids}
+    for e in system.executions(run_ids):
+        counts[e["run_id"]][e["step"]] += 1
+    return counts
+
+
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_linear_workflow_and_a_ten_way_fan_out_complete_running_each_step_once(
+    system: System,
+) -> None:
+    system.start_worker()
+    system.start_relay()
+
+    [linear] = system.start_runs("test.linear", {"order": 1})
+    [fan] = system.start_runs("test.fan", {"order": 2})
+    system.wait_finished([linear, fan], timeout=60)
+
+    linear_run = system.run(linear)
+    assert linear_run["state"] == "completed"
+    assert linear_run["result"] == {"third": {"step": "third", "attempt": 1}}
+    fan_run = system.run(fan)
+    assert fan_run["state"] == "completed"
+    assert fan_run["result"] == {"join": {"step": "join", "attempt": 1}}
+
+    counts = step_counts(system, [linear, fan])
+    assert counts[linear] == Counter(dict.fromkeys(LINEAR_STEPS, 1))
+    assert counts[fan] == Counter(dict.fromkeys(FAN_STEPS, 1))
+
+
+def test_a_step_whose_worker_is_killed_mid_run_runs_again_and_the_run_completes(
+    system: System,
+) -> None:
+    system.start_worker()
+    system.start_relay()
+    first_pid = system.supervisor.pid("worker")
+
+    [run_id] = system.start_runs("test.linear_quick", {"sleep": {"second": 2}})
+    wait_until(
+        lambda: any(e["step"] == "second" for e in system.executions([run_id])),
+        timeout=30,
+        message="step 'second' never started",
+    )
+    system.supervisor.kill("worker", signal.SIGKILL)
+
+    # The supervisor starts a new worker; the sweeper expires the dead attempt's lease and the
+    # retry policy schedules the step again.
+    wait_until(
+        lambda: system.supervisor.restarts("worker") >= 1,
+        timeout=30,
+        message="the worker was not restarted",
+    )
+    system.wait_ready("worker", times=2)
+    assert system.supervisor.pid("worker") != first_pid
+    states = system.wait_finished([run_id], timeout=60)
+    assert states[run_id] == "completed"
+
+    seconds = [e for e in system.executions([run_id]) if e["step"] == "second"]
+    assert len(seconds) == 2, seconds
+    assert seconds[0]["attempt"] < seconds[1]["attempt"]
+    assert seconds[0]["idempotency_key"] == seconds[1]["idempotency_key"]
+    assert step_counts(system, [run_id])[run_id] == Counter(first=1, second=2, third=1)
+    history = [h["event"] for h in system.run(run_id)["history"]]
+    assert "lease_expired" in history
+
+
+def test_fan_out_runs_all_complete_through_a_redis_restart_that_loses_every_message(
+    system: System, redis_server: RedisServer
+) -> None:
+    workers = ("worker_a", "worker_b")
+    for name in workers:
+        system.start_worker(name)
+    system.start_relay()
+    run_ids = system.start_runs("test.fan_quick", {}, 100)
+    total = 100 * len(FAN_STEPS)
+
+    wait_until(
+        lambda: system.execution_count() >= total // 4,
+        timeout=60,
+        message="the runs did not get going",
+    )
+    seen = {name: len(system.supervisor.log(name)) for name in workers}
+    with redis_server.outage():
+        # Down long enough for the workers to notice (a worker may even exit over it; the
+        # supervisor restarts it).
+        wait_until(
+            lambda: any(
+                "Connection to broker lost" in system.supervisor.log(name)[seen[name] :]
+                or system.supervisor.restarts(name) > 0
+                for name in workers
+            ),
+            timeout=30,
+            message="no worker noticed the broker outage",
+        )
+    # Redis is back, empty: whatever was queued or unacknowledged is gone. The sweeper
+    # republishes what never started and expires the leases of what was cut off.
+    assert system.execution_count() < total, "the outage came too late to matter"
+
+    states = system.wait_finished(run_ids, timeout=150)
+    assert Counter(states.values()) == Counter(completed=len(run_ids))
+    counts = step_counts(system, run_ids)
+    joins = {run_id: c["join"] for run_id, c in counts.items()}
+    assert joins == dict.fromkeys(run_ids, 1)
+    # Branches may have run twice (an attempt cut off by the outage runs again), never zero.
+    assert all(set(c) == set(FAN_STEPS) for c in counts.values())
+    # Messages were lost with Redis, and the sweeper published them again.
+    assert system.history_count("message_republished") > 0
+
+
+def test_killing_the_relay_mid_batch_loses_no_message(system: System) -> None:
+    system.start_worker()
+    run_ids = system.start_runs("test.linear", {}, 150)
+
+    # Small batches, so that the kill most likely lands inside one (its transaction rolls back
+    # and the next relay publishes those messages again).
+    system.start_relay(batch_size=10)
+    wait_until(lambda: system.execution_count() >= 5, timeout=30, message="nothing ran")
+    system.supervisor.kill("relay", signal.SIGKILL)
+    wait_until(
+        lambda: system.supervisor.restarts("relay") >= 1,
+        timeout=30,
+        message="the relay was not restarted",
+    )
+
+    states = system.wait_finished(run_ids, timeout=120)
+    assert Counter(states.values()) == Counter(completed=len(run_ids))
+    # Duplicate messages are dropped before the step's code runs: each step ran once.
+    counts = step_counts(system, run_ids)
+    assert all(c == Counter(dict.fromkeys(LINEAR_STEPS, 1)) for c in counts.values())
+    assert system.supervisor.log("relay").count("relay started") >= 2
+
+
+def test_malformed_messages_are_dropped_with_a_log_line_and_the_worker_keeps_serving(
+    system: System,
+) -> None:
+    system.start_worker()
+    system.start_relay()
+    worker_pid = system.supervisor.pid("worker")
+
+    sender = Celery("sender", broker=system.broker_url)
+    sender.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+    missing_run = str(uuid.uuid4())
+    exchange = Exchange(system.queue, type="direct")
+    queue = Queue(system.queue, exchange, routing_key=system.queue)
+    try:
+        # Celery task messages whose arguments are not a step message.
+        sender.send_task("saga.execute", kwargs={"bogus": 1}, queue=system.queue)
+        sender.send_task("saga.execute", args=[1, 2], queue=system.queue)
+        sender.send_task(
+            "saga.execute",
+            kwargs={
+                "run_id": "not-a-uuid",
+                "workflow": "test.linear",
+                "version": 1,
+                "kind": "step",
+                "step": "first",
+                "attempt": 1,
+            },
+            queue=system.queue,
+        )
+        sender.send_task(
+            "saga.execute",
+            kwargs={
+                "run_id": missing_run,
+                "workflow": "test.linear",
+                "version": 1,
+                "kind": "step",
+                "step": "first",
+                "attempt": 1,
+            },
+            queue=system.queue,
+        )
+        sender.send_task(
+            "saga.execute",
+            kwargs={
+                "run_id": missing_run,
+                "workflow": "test.nope",
+                "version": 1,
+                "kind": "step",
+                "step": "first",
+                "attempt": 1,
+            },
+            queue=system.queue,
+        )
+        # Raw bodies: pickle (refused), plain text, and JSON that does not parse.
+        task_headers = {"lang": "py", "task": "saga.execute", "id": str(uuid.uuid4())}
+        with Connection(system.broker_url) as conn:
+            producer = Producer(conn.default_channel)
+            producer.publish(
+                b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00]\x94.",
+                exchange=exchange,
+                routing_key=system.queue,
+                declare=[queue],
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+                headers=task_headers,
+            )
+            producer.publish(
+                "hello, worker",
+                exchange=exchange,
+                routing_key=system.queue,
+                content_type="text/plain",
+                content_encoding="utf-8",
+            )
+            producer.publish(
+                b"{not json",
+                exchange=exchange,
+                routing_key=system.queue,
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers={**task_headers, "id": str(uuid.uuid4())},
+            )
+            producer.publish(
+                json.dumps({"run_id": missing_run}),
+                exchange=exchange,
+                routing_key=system.queue,
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+    finally:
+        sender.close()
+
+    # Each one is dropped with a log line saying why...
+    expected = [
+        "dropped a malformed step message: unknown fields ['bogus']",
+        "dropped a step message with positional args",
+        "dropped a malformed step message: bad or missing field",
+        f"dropped a stale or duplicate message run_id={missing_run}",
+        f"dropped a message for an unknown workflow run_id={missing_run} workflow=test.nope",
+        "Refusing to deserialize untrusted content of type pickle",
+        "Refusing to deserialize untrusted content of type text/plain",
+        "Can't decode message body: DecodeError",
+        "Received and deleted unknown message",
+    ]
+    wait_until(
+        lambda: [line for line in expected if line not in system.supervisor.log("worker")] == [],
+        timeout=30,
+        message="not every bad message was logged",
+    )
+    assert system.executions() == []
+
+    # ...and the same worker process goes on serving: a normal run completes.
+    [run_id] = system.start_runs("test.linear", {})
+    assert system.wait_finished([run_id], timeout=60)[run_id] == "completed"
+    assert step_counts(system, [run_id])[run_id] == Counter(dict.fromkeys(LINEAR_STEPS, 1))
+    assert system.supervisor.pid("worker") == worker_pid
+    assert system.supervisor.restarts("worker") == 0
