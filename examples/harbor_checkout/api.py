@@ -1,0 +1,181 @@
+"""The checkout API.
+
+``POST /orders`` validates the cart, writes the order as ``pending`` and starts its
+``fulfill_order`` saga in the same transaction, then answers 202: the order and its saga exist
+together or not at all. ``GET /orders/{id}`` shows the order and where its saga stands.
+
+Run: ``uvicorn examples.harbor_checkout.api:app --port 8765``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, HTTPException
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from . import flow
+
+_ORDER_NS = uuid.UUID("6b1d3c52-8f0e-4c1e-9a57-0f3a5e1c2d70")
+
+
+class Item(BaseModel):
+    """One cart line."""
+
+    sku: str = Field(min_length=1, max_length=32)
+    qty: int = Field(gt=0, le=100)
+
+
+class OrderIn(BaseModel):
+    """A cart to check out. ``card_token`` comes from the payment provider's card form."""
+
+    items: list[Item] = Field(min_length=1, max_length=50)
+    card_token: str = Field(pattern=r"^tok_[A-Za-z0-9_]{1,64}$")
+    email: str = Field(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$", max_length=200)
+    country: str = Field(default="US", pattern=r"^[A-Z]{2}$")
+
+    @field_validator("items")
+    @classmethod
+    def _one_line_per_sku(cls, items: list[Item]) -> list[Item]:
+        skus = [i.sku for i in items]
+        twice = sorted({s for s in skus if skus.count(s) > 1})
+        if twice:
+            raise ValueError(f"each SKU may appear once; listed more than once: {twice}")
+        return items
+
+
+app = FastAPI(title="Harbor Checkout")
+
+
+def saga_key(order_id: str) -> str:
+    """The business key of an order's saga run: ``saga status order-<id>`` finds it."""
+    return f"order-{order_id}"
+
+
+def _unprocessable(problems: list[dict[str, Any]]) -> HTTPException:
+    return HTTPException(status_code=422, detail=problems)
+
+
+@app.post("/orders", status_code=202)
+def create_order(
+    order: OrderIn,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
+) -> JSONResponse:
+    """Check the cart against the catalog, write the order and start its saga in one
+    transaction. With an ``Idempotency-Key`` header, sending the same request again answers
+    with the order it created the first time (200) instead of creating another."""
+    order_id = str(uuid.uuid5(_ORDER_NS, idempotency_key) if idempotency_key else uuid.uuid4())
+    engine = flow.engine()
+    with Session(engine.engine) as session, session.begin():
+        skus = [i.sku for i in order.items]
+        prices: dict[str, int] = dict(
+            session.execute(
+                text("SELECT sku, price_cents FROM inventory WHERE sku = ANY(:skus)"),
+                {"skus": skus},
+            ).all()
+        )
+        unknown = [
+            {
+                "loc": ["body", "items", n, "sku"],
+                "msg": f"unknown SKU {i.sku!r}",
+                "type": "unknown_sku",
+            }
+            for n, i in enumerate(order.items)
+            if i.sku not in prices
+        ]
+        if unknown:
+            raise _unprocessable(unknown)
+        lines = [{"sku": i.sku, "qty": i.qty} for i in order.items]
+        amount = sum(prices[i.sku] * i.qty for i in order.items)
+        saga_input = {
+            "order_id": order_id,
+            "items": lines,
+            "amount_cents": amount,
+            "card_token": order.card_token,
+            "email": order.email,
+            "country": order.country,
+        }
+        started = engine.start(session, flow.fulfill_order, saga_input, key=saga_key(order_id))
+        if not started.created:
+            return JSONResponse(
+                {"order_id": order_id, "run_id": started.run_id, "replayed": True},
+                status_code=200,
+            )
+        session.execute(
+            text(
+                "INSERT INTO orders (id, email, country, items, amount_cents, run_id) "
+                "VALUES (:id, :email, :country, CAST(:items AS jsonb), :amount, :run)"
+            ),
+            {
+                "id": order_id,
+                "email": order.email,
+                "country": order.country,
+                "items": json.dumps(lines),
+                "amount": amount,
+                "run": started.run_id,
+            },
+        )
+    return JSONResponse(
+        {
+            "order_id": order_id,
+            "run_id": started.run_id,
+            "status": "pending",
+            "amount_cents": amount,
+            "links": {"self": f"/orders/{order_id}"},
+        },
+        status_code=202,
+    )
+
+
+@app.get("/orders/{order_id}")
+def get_order(order_id: uuid.UUID) -> dict[str, Any]:
+    """The order, and its saga run: state, error and each step's (and compensation's) state."""
+    engine = flow.engine()
+    with engine.engine.connect() as conn:
+        row = (
+            conn.execute(
+                text(
+                    "SELECT id, status, email, country, items, amount_cents, run_id, charge_id, "
+                    "tracking_number, failure_reason, created_at, finished_at "
+                    "FROM orders WHERE id = :id"
+                ),
+                {"id": str(order_id)},
+            )
+            .mappings()
+            .first()
+        )
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"no order {order_id}")
+    run = engine.get_run(str(row["run_id"]))
+    return {
+        "order": dict(row),
+        "saga": {
+            "run_id": str(run["id"]),
+            "workflow": run["workflow"],
+            "state": run["state"],
+            "error": run["error"],
+            "steps": [
+                {
+                    "kind": s["kind"],
+                    "step": s["step"],
+                    "state": s["state"],
+                    "attempt": s["attempt"],
+                    "error": s["error"],
+                }
+                for s in run["steps"]
+            ],
+        },
+    }
+
+
+@app.get("/healthz")
+def healthz() -> dict[str, str]:
+    """Liveness, and the database is reachable."""
+    with flow.db().connect() as conn:
+        conn.execute(text("SELECT 1"))
+    return {"status": "ok"}

@@ -1,0 +1,219 @@
+"""A payment-provider stand-in: charges and refunds over HTTP, kept in memory.
+
+It behaves like a real provider where it matters to the saga:
+
+* every call needs an ``Idempotency-Key`` header; a key seen before gets the first answer
+  again (``"replayed": true``), so a retried charge never charges twice;
+* it is slow (``PROVIDER_LATENCY_MS="20,150"``: a uniform delay per call) and flaky
+  (``PROVIDER_FAILURE_RATE=0.2``: that share of calls answers 503; half of those *after* the
+  charge was made, as when the answer is lost on the way back);
+* card token ``tok_declined`` is declined with 402.
+
+``PROVIDER_MAX_FAILURES_PER_KEY`` (default 3) caps the injected failures per idempotency key,
+so that, with five attempts, a demo order is never failed by bad luck alone; 0 lifts the cap.
+``GET /v1/summary`` reports every charge and the totals per order.
+
+Run: ``uvicorn examples.harbor_checkout.provider:app --port 8766``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+DECLINED_TOKEN = "tok_declined"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """How slow and how flaky the provider is."""
+
+    failure_rate: float = 0.2
+    latency_ms: tuple[int, int] = (20, 150)
+    max_failures_per_key: int = 3
+    seed: int | None = None
+
+    @classmethod
+    def from_env(cls) -> Knobs:
+        """Knobs from ``PROVIDER_FAILURE_RATE``, ``PROVIDER_LATENCY_MS`` ("lo,hi"),
+        ``PROVIDER_MAX_FAILURES_PER_KEY`` and ``PROVIDER_SEED``."""
+        env = os.environ
+        lo, _, hi = env.get("PROVIDER_LATENCY_MS", "20,150").partition(",")
+        seed = env.get("PROVIDER_SEED")
+        return cls(
+            failure_rate=float(env.get("PROVIDER_FAILURE_RATE", "0.2")),
+            latency_ms=(int(lo), int(hi or lo)),
+            max_failures_per_key=int(env.get("PROVIDER_MAX_FAILURES_PER_KEY", "3")),
+            seed=int(seed) if seed else None,
+        )
+
+
+@dataclass
+class Charge:
+    """One successful charge."""
+
+    id: str
+    order_id: str
+    amount_cents: int
+    idempotency_key: str
+    refunded: bool = False
+    refund_id: str | None = None
+
+
+@dataclass
+class Ledger:
+    """Everything the provider remembers. The event loop is its only thread, and no ``await``
+    separates a look-up from the write that follows it, so each call is atomic."""
+
+    knobs: Knobs
+    rng: random.Random
+    charges: dict[str, Charge] = field(default_factory=dict)
+    answers: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
+    declined: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    stats: Counter[str] = field(default_factory=Counter)
+
+    def flaky(self, key: str) -> bool:
+        """Whether this call should fail (at most ``max_failures_per_key`` times per key)."""
+        cap = self.knobs.max_failures_per_key
+        if self.rng.random() >= self.knobs.failure_rate:
+            return False
+        if cap and self.failures[key] >= cap:
+            return False
+        self.failures[key] += 1
+        return True
+
+    def summary(self) -> dict[str, Any]:
+        """Totals and, per order, successful charges, refunds and the net amount taken."""
+        by_order: dict[str, dict[str, int]] = {}
+        for c in self.charges.values():
+            o = by_order.setdefault(
+                c.order_id, {"charges": 0, "refunds": 0, "declined": 0, "net_cents": 0}
+            )
+            o["charges"] += 1
+            o["net_cents"] += c.amount_cents
+            if c.refunded:
+                o["refunds"] += 1
+                o["net_cents"] -= c.amount_cents
+        for order_id, n in self.declined.items():
+            o = by_order.setdefault(
+                order_id, {"charges": 0, "refunds": 0, "declined": 0, "net_cents": 0}
+            )
+            o["declined"] = n
+        return {
+            "knobs": asdict(self.knobs),
+            "stats": dict(self.stats),
+            "charges": [asdict(c) for c in self.charges.values()],
+            "by_order": by_order,
+        }
+
+
+class ChargeIn(BaseModel):
+    """A charge request."""
+
+    order_id: str
+    amount_cents: int = Field(gt=0)
+    card_token: str
+
+
+class RefundIn(BaseModel):
+    """A refund request for one charge, in full."""
+
+    charge_id: str
+
+
+app = FastAPI(title="Payment provider stand-in")
+ledger = Ledger(knobs=Knobs.from_env(), rng=random.Random(Knobs.from_env().seed))
+IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", min_length=1)]
+
+
+async def _latency() -> None:
+    lo, hi = ledger.knobs.latency_ms
+    await asyncio.sleep(ledger.rng.uniform(lo, hi) / 1000)
+
+
+def _busy() -> JSONResponse:
+    ledger.stats["injected_failures"] += 1
+    return JSONResponse({"error": "provider_unavailable"}, status_code=503)
+
+
+def _replay(key: str) -> JSONResponse | None:
+    answer = ledger.answers.get(key)
+    if answer is None:
+        return None
+    ledger.stats["replays"] += 1
+    status, body = answer
+    return JSONResponse({**body, "replayed": True}, status_code=status)
+
+
+def _answer(key: str, status: int, body: dict[str, Any]) -> JSONResponse:
+    """Remember the answer for ``key``, then give it (or lose it on the way back)."""
+    ledger.answers[key] = (status, body)
+    if ledger.rng.random() < 0.5 and ledger.flaky(key):
+        ledger.stats["lost_answers"] += 1
+        return _busy()
+    return JSONResponse(body, status_code=status)
+
+
+@app.post("/v1/charges")
+async def create_charge(req: ChargeIn, key: IdempotencyKey) -> JSONResponse:
+    """Charge the card once per idempotency key; 402 for a declined card, 503 when flaky."""
+    ledger.stats["charge_calls"] += 1
+    await _latency()
+    replay = _replay(key)
+    if replay is not None:
+        return replay
+    if ledger.rng.random() < 0.5 and ledger.flaky(key):
+        return _busy()
+    if req.card_token == DECLINED_TOKEN:
+        ledger.declined[req.order_id] += 1
+        return _answer(key, 402, {"error": "card_declined", "order_id": req.order_id})
+    charge = Charge(
+        id="ch_" + uuid.uuid4().hex[:16],
+        order_id=req.order_id,
+        amount_cents=req.amount_cents,
+        idempotency_key=key,
+    )
+    ledger.charges[charge.id] = charge
+    return _answer(key, 201, {"charge_id": charge.id, "amount_cents": charge.amount_cents})
+
+
+@app.post("/v1/refunds")
+async def create_refund(req: RefundIn, key: IdempotencyKey) -> JSONResponse:
+    """Refund a charge in full, once (by key, and by charge); 404 for an unknown charge."""
+    ledger.stats["refund_calls"] += 1
+    await _latency()
+    replay = _replay(key)
+    if replay is not None:
+        return replay
+    if ledger.rng.random() < 0.5 and ledger.flaky(key):
+        return _busy()
+    charge = ledger.charges.get(req.charge_id)
+    if charge is None:
+        return _answer(key, 404, {"error": "no_such_charge", "charge_id": req.charge_id})
+    if not charge.refunded:
+        charge.refunded = True
+        charge.refund_id = "re_" + uuid.uuid4().hex[:16]
+    body = {"refund_id": charge.refund_id, "charge_id": charge.id}
+    return _answer(key, 201, body)
+
+
+@app.get("/v1/summary")
+async def summary() -> dict[str, Any]:
+    """Every charge, and per order: charges, refunds, declines and the net amount taken."""
+    return ledger.summary()
+
+
+@app.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """Liveness."""
+    return {"status": "ok"}
