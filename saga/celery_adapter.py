@@ -21,6 +21,7 @@ from saga.app import Saga
 from saga.context import JSON
 from saga.errors import SagaError
 from saga.executor import Executor
+from saga.messages import Envelope
 
 log = logging.getLogger("saga.celery")
 TASK_NAME = "saga.execute"
@@ -112,33 +113,25 @@ class CeleryPublisher:
         self.timeout = timeout
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-publish")
 
-    def publish(
-        self,
-        body: Mapping[str, Any],
-        *,
-        queue: str,
-        priority: int | None,
-        time_limit: float | None,
-        countdown: float | None,
-        headers: Mapping[str, str] | None,
-    ) -> None:
+    def publish(self, envelope: Envelope) -> None:
         """Publish one message or raise (``PublishTimeoutError`` past the deadline)."""
+        msg = envelope.message
         options: dict[str, Any] = {
-            "kwargs": dict(body),
-            "task_id": task_id(body["run_id"], body["kind"], body["step"], body["attempt"]),
-            "queue": queue,
-            "routing_key": queue,
+            "kwargs": msg.as_body(),
+            "task_id": task_id(msg.run_id, msg.kind, msg.step, msg.attempt),
+            "queue": envelope.queue,
+            "routing_key": envelope.queue,
             "retry": False,
-            "headers": dict(headers or {}),
+            "headers": dict(envelope.headers or {}),
         }
-        if priority is not None:
-            options["priority"] = priority
-        if time_limit:
+        if envelope.priority is not None:
+            options["priority"] = envelope.priority
+        if envelope.time_limit:
             # saga enforces the limit around the step's code (saga.timeouts); Celery's hard
             # limit only kills a child whose code ignored that, and the lease takes over.
-            options["time_limit"] = time_limit + HARD_LIMIT_GRACE
-        if countdown and countdown > 0:
-            options["countdown"] = countdown
+            options["time_limit"] = envelope.time_limit + HARD_LIMIT_GRACE
+        if envelope.countdown:
+            options["countdown"] = envelope.countdown
         future = self._pool.submit(self.app.send_task, TASK_NAME, **options)
         try:
             future.result(timeout=self.timeout)

@@ -6,9 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from saga import logs, telemetry
@@ -19,68 +17,13 @@ from saga.core import graph
 from saga.core.decide import STOPPING
 from saga.definition import Workflow
 from saga.errors import SagaError, UnknownWorkflowError
+from saga.messages import MalformedMessageError, StepMessage
 from saga.starting import route
 from saga.steps import TaskCaller
 from saga.timeouts import time_limit
-from saga.transitions import AttemptRef, Claim
+from saga.transitions import Claim
 
 log = logging.getLogger("saga.worker")
-KINDS = ("step", "compensation")
-
-
-class MalformedMessageError(ValueError):
-    """A message that is not a saga step message."""
-
-
-@dataclass(frozen=True)
-class StepMessage:
-    """What the relay publishes for one attempt; built only from registered workflows."""
-
-    run_id: str
-    workflow: str
-    version: int
-    kind: str
-    step: str
-    attempt: int
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any]) -> StepMessage:
-        """Validate a message body; :class:`MalformedMessageError` says what is wrong."""
-        if not isinstance(body, Mapping):
-            raise MalformedMessageError(f"body is a {type(body).__name__}, not an object")
-        unknown = set(body) - {"run_id", "workflow", "version", "kind", "step", "attempt"}
-        if unknown:
-            raise MalformedMessageError(f"unknown fields {sorted(unknown)}")
-        try:
-            run_id = str(uuid.UUID(str(body["run_id"])))
-            workflow, step, kind = body["workflow"], body["step"], body["kind"]
-            version, attempt = body["version"], body["attempt"]
-        except (KeyError, ValueError) as exc:
-            raise MalformedMessageError(f"bad or missing field: {exc}") from None
-        if not isinstance(workflow, str) or not isinstance(step, str) or kind not in KINDS:
-            raise MalformedMessageError("workflow and step must be strings, kind step|compensation")
-        for name, value in (("version", version), ("attempt", attempt)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MalformedMessageError(f"{name} must be an int >= 1")
-        return cls(run_id, workflow, version, kind, step, attempt)
-
-    @property
-    def ref(self) -> AttemptRef:
-        """The attempt this message names."""
-        return AttemptRef(self.run_id, self.kind, self.step, self.attempt)
-
-    def as_body(self) -> dict[str, Any]:
-        """The message body."""
-        return {
-            "run_id": self.run_id,
-            "workflow": self.workflow,
-            "version": self.version,
-            "kind": self.kind,
-            "step": self.step,
-            "attempt": self.attempt,
-        }
-
-
 def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
     """A failed attempt's error as stored: type, message and attempt."""
     return {

@@ -13,7 +13,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Mapping
 from typing import Any, Protocol
 
 import psycopg
@@ -23,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
 from saga.app import Saga
+from saga.messages import Envelope
 from saga.store.base import Row
 from saga.sweeper import Sweeper
 
@@ -32,30 +32,9 @@ log = logging.getLogger("saga.relay")
 class Publisher(Protocol):
     """Puts one step message on the broker, or raises."""
 
-    def publish(
-        self,
-        body: Mapping[str, Any],
-        *,
-        queue: str,
-        priority: int | None,
-        time_limit: float | None,
-        countdown: float | None,
-        headers: Mapping[str, str] | None,
-    ) -> None:
+    def publish(self, envelope: Envelope) -> None:
         """Publish or raise."""
         ...
-
-
-def message_body(row: Row) -> dict[str, Any]:
-    """A step message built from an outbox row joined with its run: ids and names only."""
-    return {
-        "run_id": row["run_id"],
-        "workflow": row["workflow"],
-        "version": row["version"],
-        "kind": row["kind"],
-        "step": row["step"],
-        "attempt": row["attempt"],
-    }
 
 
 class Relay:
@@ -102,14 +81,7 @@ class Relay:
 
     def _publish(self, row: Row) -> None:
         with telemetry.publishing(row) as headers:
-            self.publisher.publish(
-                message_body(row),
-                queue=row["queue"],
-                priority=row["priority"],
-                time_limit=row["time_limit"],
-                countdown=row["countdown"] if row["countdown"] > 0 else None,
-                headers=headers,
-            )
+            self.publisher.publish(Envelope.from_outbox(row, headers))
         if row["publish_count"]:
             logs.event(
                 log, logging.INFO, "published again", run_id=row["run_id"],

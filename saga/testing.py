@@ -9,12 +9,12 @@ processes. It does not test delivery (that is what the relay and Celery are for)
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from saga.app import Saga
 from saga.executor import Executor
+from saga.messages import Envelope
 from saga.relay import Relay
 from saga.steps import TaskCaller
 
@@ -29,18 +29,10 @@ class InlinePublisher:
     outcomes: list[tuple[dict[str, Any], str]] = field(default_factory=list)
     pending: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
-    def publish(
-        self,
-        body: Mapping[str, Any],
-        *,
-        queue: str,
-        priority: int | None,
-        time_limit: float | None,
-        countdown: float | None,
-        headers: Mapping[str, str] | None,
-    ) -> None:
+    def publish(self, envelope: Envelope) -> None:
         """Hold the message until it is due."""
-        self.pending.append((time.monotonic() + (countdown or 0.0), dict(body)))
+        due = time.monotonic() + (envelope.countdown or 0.0)
+        self.pending.append((due, envelope.message.as_body()))
 
     def run_pending(self) -> int:
         """Execute the held messages, waiting for each one's countdown; how many ran."""

@@ -34,6 +34,7 @@ import saga
 from saga import metrics as saga_metrics
 from saga.executor import Executor
 from saga.logs import JsonFormatter
+from saga.messages import Envelope
 from saga.relay import Relay
 from tests.apps import traced
 from tests.support.procs import Supervisor
@@ -107,17 +108,9 @@ class Collecting:
     def __init__(self) -> None:
         self.sent: list[tuple[dict[str, Any], dict[str, str] | None, float | None]] = []
 
-    def publish(
-        self,
-        body: Mapping[str, Any],
-        *,
-        queue: str,
-        priority: int | None,
-        time_limit: float | None,
-        countdown: float | None,
-        headers: Mapping[str, str] | None,
-    ) -> None:
-        self.sent.append((dict(body), dict(headers) if headers else None, countdown))
+    def publish(self, envelope: Envelope) -> None:
+        headers = dict(envelope.headers) if envelope.headers else None
+        self.sent.append((envelope.message.as_body(), headers, envelope.countdown))
 
 
 def run_state(engine: saga.Saga, run_id: str) -> str:
