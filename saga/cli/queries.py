@@ -66,7 +66,7 @@ _STEPS = """
 SELECT kind, step, state, attempt, first_attempt, worker, created_at, started_at, finished_at,
        due_at, lease_expires_at, error
 FROM {steps} WHERE run_id = :id
-ORDER BY kind DESC, coalesce(started_at, created_at), step
+ORDER BY kind DESC, started_at NULLS LAST, step
 """
 _HISTORY = """
 SELECT id, at, event, kind, step, attempt, detail
