@@ -4,11 +4,13 @@ process (or per test) and hand it to the worker and the relay."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from saga import telemetry
@@ -68,6 +70,7 @@ class Saga:
         self.transitions = Transitions(self.tables)
         self.lifecycle = Lifecycle(self.tables, registry)
         self._starter = Starter(self.tables, self.settings)
+        self._hot = threading.local()
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -142,9 +145,36 @@ class Saga:
 
     @contextmanager
     def autocommit(self) -> Iterator[Connection]:
-        """A connection on which each statement is its own transaction (the hot path)."""
+        """A connection on which each statement is its own transaction."""
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def on_hot_path(self, statement: Callable[[Connection], T]) -> T:
+        """Run one guarded hot-path statement on this thread's own autocommit connection.
+
+        The connection is kept between steps, so a step pays no pool checkout or pre-ping. If it
+        turns out to be dead, the statement runs once more on a fresh one: claims and
+        completions are guarded, so a retry of one that did commit is reported as a duplicate
+        and changes nothing."""
+        for attempt in (1, 2):
+            conn: Connection | None = getattr(self._hot, "conn", None)
+            if conn is None or conn.closed or conn.invalidated:
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                self._hot.conn = conn
+            try:
+                return statement(conn)
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+                conn.close()
+                self._hot.conn = None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def forget_connections(self) -> None:
+        """After a fork: drop the parent's pooled and hot-path connections without closing
+        them (they belong to the parent)."""
+        self._hot = threading.local()
+        self.engine.dispose(close=False)
 
     def _in_tx(self, fn: Callable[[Connection], T]) -> T:
         with self.engine.begin() as conn:

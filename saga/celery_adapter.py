@@ -65,7 +65,7 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         raise ValueError("saga accepts JSON messages only")
     app.conf.update(merged)
     _ENGINES[app] = saga
-    executor = Executor(saga)
+    executor = Executor(saga, publisher=lambda: CeleryPublisher(app))
     caller = _TaskCaller(app)
 
     @app.task(  # type: ignore[untyped-decorator]
@@ -80,7 +80,7 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _fresh_pool(**_: Any) -> None:
         # A forked child must not share the parent's database connections.
-        saga.engine.dispose(close=False)
+        saga.forget_connections()
 
     return app
 

@@ -3,11 +3,14 @@ step's code, record the outcome. It never raises: a bad or stale message is logg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from sqlalchemy.exc import DBAPIError
 
 from saga import logs, telemetry
 from saga.app import Saga
@@ -17,13 +20,15 @@ from saga.core import graph
 from saga.core.decide import STOPPING
 from saga.definition import Workflow
 from saga.errors import SagaError, UnknownWorkflowError
-from saga.messages import MalformedMessageError, StepMessage
+from saga.messages import Envelope, MalformedMessageError, Publisher, StepMessage
 from saga.starting import route
 from saga.steps import TaskCaller
 from saga.timeouts import time_limit
-from saga.transitions import Claim
+from saga.transitions import AttemptRef, Claim, Completion
 
 log = logging.getLogger("saga.worker")
+
+
 def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
     """A failed attempt's error as stored: type, message and attempt."""
     return {
@@ -36,9 +41,18 @@ def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
 class Executor:
     """Executes step messages against one engine."""
 
-    def __init__(self, saga: Saga, worker_id: str | None = None) -> None:
+    def __init__(
+        self,
+        saga: Saga,
+        worker_id: str | None = None,
+        publisher: Callable[[], Publisher] | None = None,
+    ) -> None:
+        """``publisher`` makes (once, lazily: after a fork) the publisher for eager dispatch;
+        without one, every message goes through the relay."""
         self.saga = saga
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._make_publisher = publisher if saga.settings.eager_dispatch else None
+        self._publisher: Publisher | None = None
 
     def execute(
         self,
@@ -66,10 +80,11 @@ class Executor:
             return "unknown"
         deps = wf[msg.step].after if msg.kind == "step" else ()
         lease = wf.time_limit_for(msg.step) + self.saga.settings.lease_grace
-        with self.saga.autocommit() as conn:
-            claim = self.saga.transitions.claim(
+        claim = self.saga.on_hot_path(
+            lambda conn: self.saga.transitions.claim(
                 conn, msg.ref, deps=deps, lease_seconds=lease, worker=self.worker_id
             )
+        )
         if claim is None:
             logs.event(log, logging.INFO, "dropped a stale or duplicate message", **fields)
             return "duplicate"
@@ -142,17 +157,57 @@ class Executor:
         else:
             release = tuple(sorted(graph.ancestors(after, ref.step)))
         routes = [route(wf, s) for s in release]
-        with self.saga.autocommit() as conn:
-            done = self.saga.transitions.complete(
-                conn, ref, result_json, release=release, routes=routes, sinks=graph.sinks(after)
+        eager = self._make_publisher is not None
+        done = self.saga.on_hot_path(
+            lambda conn: self.saga.transitions.complete(
+                conn,
+                ref,
+                result_json,
+                release=release,
+                routes=routes,
+                sinks=graph.sinks(after),
+                eager=eager,
             )
+        )
         if done is None:
             logs.event(log, logging.INFO, "completion of a stale attempt ignored", **fields)
             return "duplicate"
+        if eager and done.queued:
+            self._dispatch(wf, ref, done)
         if ref.kind == "step" and done.run_state in STOPPING:
             with self.saga.engine.begin() as conn:
                 self.saga.lifecycle.advance(conn, ref.run_id)
         return "completed"
+
+    def _dispatch(self, wf: Workflow, ref: AttemptRef, done: Completion) -> None:
+        """Publish the messages a completion wrote as published. On a broker error they go back
+        to the relay; if this process dies first, the sweeper republishes them."""
+        assert self._make_publisher is not None
+        if self._publisher is None:
+            self._publisher = self._make_publisher()
+        sent: list[str] = []
+        try:
+            for queued in done.queued:
+                row = {
+                    **queued,
+                    "run_id": ref.run_id,
+                    "workflow": wf.name,
+                    "version": wf.version,
+                    "kind": ref.kind,
+                    "countdown": None,
+                    "trace_context": done.trace_context,
+                }
+                with telemetry.publishing(row) as headers:
+                    self._publisher.publish(Envelope.from_outbox(row, headers))
+                sent.append(queued["step"])
+        except Exception as exc:
+            unsent = [m["step"] for m in done.queued if m["step"] not in sent]
+            logs.event(
+                log, logging.WARNING, f"eager publish failed, leaving it to the relay: {exc}",
+                run_id=ref.run_id, workflow=wf.name, kind=ref.kind, steps=",".join(unsent),
+            )
+            with contextlib.suppress(DBAPIError), self.saga.engine.begin() as conn:
+                self.saga.lifecycle.outbox.unpublish(conn, ref.run_id, ref.kind, unsent)
 
     def _fail(self, wf: Workflow, claim: Claim, exc: BaseException, retryable: bool) -> str:
         telemetry.record_exception(exc)

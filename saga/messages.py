@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from saga.transitions import AttemptRef
 
@@ -90,3 +90,11 @@ class Envelope:
         )
         countdown = row["countdown"] if row["countdown"] and row["countdown"] > 0 else None
         return cls(message, row["queue"], row["priority"], row["time_limit"], countdown, headers)
+
+
+class Publisher(Protocol):
+    """Puts one step message on the broker, or raises."""
+
+    def publish(self, envelope: Envelope) -> None:
+        """Publish or raise."""
+        ...

@@ -13,28 +13,21 @@ import logging
 import signal
 import threading
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 import tenacity
+from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
 from saga.app import Saga
-from saga.messages import Envelope
+from saga.messages import Envelope, Publisher
 from saga.store.base import Row
 from saga.sweeper import Sweeper
 
 log = logging.getLogger("saga.relay")
-
-
-class Publisher(Protocol):
-    """Puts one step message on the broker, or raises."""
-
-    def publish(self, envelope: Envelope) -> None:
-        """Publish or raise."""
-        ...
 
 
 class Relay:
@@ -61,6 +54,8 @@ class Relay:
         self.sweeper = Sweeper(saga)
         self.stopping = threading.Event()
         self._listener: psycopg.Connection[Any] | None = None
+        self._conn: Connection | None = None
+        self._next_due_sql = self.saga.lifecycle.outbox.next_due_sql
 
     # -- one batch ---------------------------------------------------------------------------
 
@@ -69,15 +64,37 @@ class Relay:
         what went out before it and re-raises."""
         outbox = self.saga.lifecycle.outbox
         published: list[int] = []
-        with self.saga.engine.begin() as conn:
-            rows = outbox.claim_batch(conn, self.batch_size, self.lookahead)
-            try:
+        failure: Exception | None = None
+        conn = self._connection()
+        try:
+            with conn.begin():
+                rows = outbox.claim_batch(conn, self.batch_size, self.lookahead)
                 for row in rows:
-                    self._publish(row)
+                    try:
+                        self._publish(row)
+                    except Exception as exc:  # the broker: keep what went out, then back off
+                        failure = exc
+                        break
                     published.append(row["id"])
-            finally:
                 outbox.mark_published(conn, published)
+        except DBAPIError:
+            self._close_connection()
+            raise
+        if failure is not None:
+            raise failure
         return len(published)
+
+    def _connection(self) -> Connection:
+        # Kept across batches: a pool checkout would pre-ping on every wake.
+        if self._conn is None or self._conn.closed or self._conn.invalidated:
+            self._conn = self.saga.engine.connect()
+        return self._conn
+
+    def _close_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(DBAPIError):
+                self._conn.close()
+            self._conn = None
 
     def _publish(self, row: Row) -> None:
         with telemetry.publishing(row) as headers:
@@ -118,6 +135,7 @@ class Relay:
             if count < self.batch_size:
                 self._wait()
         self._close_listener()
+        self._close_connection()
         metrics.unobserve(self.saga)
         logs.event(log, logging.INFO, "relay stopped")
 
@@ -141,13 +159,14 @@ class Relay:
         """Sleep until a NOTIFY, the next due retry, or the poll interval, whichever is first."""
         timeout = self.poll_interval
         try:
-            with self.saga.engine.connect() as conn:
-                due = self.saga.lifecycle.outbox.seconds_to_next_due(conn)
+            listener = self._listen()
+            # On the LISTEN connection (autocommit): one round trip, no pool checkout.
+            found = listener.execute(self._next_due_sql).fetchone()
+            due = None if found is None or found[0] is None else float(found[0])
             if due is not None:
                 timeout = max(0.0, min(timeout, due - self.lookahead))
             if timeout <= 0:
                 return
-            listener = self._listen()
             for _ in listener.notifies(timeout=timeout, stop_after=1):
                 break
         except (psycopg.Error, OperationalError, DBAPIError):

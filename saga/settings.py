@@ -8,13 +8,23 @@ from dataclasses import dataclass
 from saga.db.migrate import check_schema_name
 
 
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Tunables of one engine. Durations are in seconds.
 
     ``lease_grace`` is added to a step's time limit to make its lease: past that, the sweeper
     deems the worker lost. ``republish_after`` is how long a published message may wait for a
-    worker before the sweeper publishes it again (the broker may have lost it).
+    worker before the sweeper publishes it again (the broker may have lost it). With
+    ``eager_dispatch`` a worker publishes the steps its completion made ready itself, right
+    after the commit, instead of waiting for the relay; the outbox row stays the fallback.
     """
 
     schema: str = "saga"
@@ -22,6 +32,7 @@ class Settings:
     max_result_bytes: int = 256 * 1024
     lease_grace: float = 30.0
     republish_after: float = 300.0
+    eager_dispatch: bool = True
 
     def __post_init__(self) -> None:
         check_schema_name(self.schema)
@@ -42,6 +53,7 @@ class Settings:
             ("SAGA_MAX_INPUT_BYTES", "max_input_bytes", int),
             ("SAGA_LEASE_GRACE", "lease_grace", float),
             ("SAGA_REPUBLISH_AFTER", "republish_after", float),
+            ("SAGA_EAGER_DISPATCH", "eager_dispatch", _flag),
         ):
             if key in os.environ:
                 env[name] = conv(os.environ[key])

@@ -6,7 +6,7 @@
   again;
 - a run past its deadline stops and compensates;
 - a stopping run whose last in-flight step finished without moving it on (a worker died between
-  the two transactions) is moved on.
+  the two transactions) is moved on, and a completed run whose result was never stored gets it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from saga import logs
 from saga.app import Saga
 from saga.codec import dumps
+from saga.core import graph
 from saga.errors import UnknownWorkflowError
 from saga.transitions import AttemptRef
 
@@ -33,6 +34,11 @@ _PAST_DEADLINE = """
 SELECT id::text FROM {runs}
 WHERE state = 'running' AND deadline_at IS NOT NULL AND deadline_at < now()
 ORDER BY deadline_at LIMIT :limit
+"""
+_UNFINISHED = """
+SELECT id::text, workflow, version FROM {runs}
+WHERE state = 'completed' AND finished_at IS NULL AND updated_at < now() - interval '2 seconds'
+LIMIT :limit
 """
 _STALLED = """
 SELECT r.id::text FROM {runs} r
@@ -68,6 +74,7 @@ class Sweeper:
         self._expired = t.sql(_EXPIRED)
         self._past_deadline = t.sql(_PAST_DEADLINE)
         self._stalled = t.sql(_STALLED)
+        self._unfinished = t.sql(_UNFINISHED)
 
     def sweep(self) -> SweepReport:
         """One pass over every kind of repair."""
@@ -168,4 +175,15 @@ class Sweeper:
         for run_id in ids:
             with self.saga.engine.begin() as conn:
                 self.saga.lifecycle.advance(conn, run_id)
-        return len(ids)
+        # A worker that died between a run's last completion and the statement storing the
+        # run's result left a completed run without one.
+        with self.saga.engine.connect() as conn:
+            unfinished = conn.execute(self._unfinished, {"limit": self.batch}).all()
+        for run_id, name, version in unfinished:
+            try:
+                wf = self.saga.registry.get(name, version)
+            except UnknownWorkflowError:
+                continue
+            with self.saga.engine.begin() as conn:
+                self.saga.transitions.finish(conn, run_id, graph.sinks(wf.after_map))
+        return len(ids) + len(unfinished)

@@ -91,15 +91,16 @@ WITH done AS (
            OR (:kind = 'compensation' AND run.state = 'compensation_failed'))
     RETURNING sr.step, sr.state, sr.attempt
 ), queued AS (
-    INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context)
+    INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
+                          published_at, publish_count)
     SELECT :run_id, :kind, released.step, released.attempt, x.queue, x.priority, x.time_limit,
-           run.trace_context
+           run.trace_context, CASE WHEN :eager THEN now() END, CASE WHEN :eager THEN 1 ELSE 0 END
     FROM released
     JOIN jsonb_to_recordset(CAST(:routes AS jsonb))
          AS x(step text, queue text, priority int, time_limit float8) ON x.step = released.step
     CROSS JOIN run
     WHERE released.state = 'ready' AND run.state = ANY(:live)
-    RETURNING step
+    RETURNING step, attempt, queue, priority, time_limit
 ), logged AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)
     SELECT :run_id, 'step_completed', :kind, :step, :attempt FROM done
@@ -107,7 +108,9 @@ WITH done AS (
     SELECT :run_id, 'run_' || run.state, NULL, NULL, NULL FROM run
     WHERE run.state IN ('completed', 'compensated', 'cancelled')
 )
-SELECT run.state, ARRAY(SELECT step FROM queued) AS ready FROM run
+SELECT run.state, run.trace_context,
+       coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued
+FROM run
 """
 
 _FINISH_RESULT = """
@@ -153,10 +156,17 @@ class Claim:
 
 @dataclass(frozen=True)
 class Completion:
-    """What a completion did: the run's state after it and the steps it made ready."""
+    """What a completion did: the run's state after it and the messages of the steps it made
+    ready (``step``, ``attempt``, ``queue``, ``priority``, ``time_limit``)."""
 
     run_state: str
-    ready: tuple[str, ...]
+    queued: tuple[dict[str, Any], ...] = ()
+    trace_context: Any = None
+
+    @property
+    def ready(self) -> tuple[str, ...]:
+        """The steps this completion made ready."""
+        return tuple(m["step"] for m in self.queued)
 
     @property
     def run_finished(self) -> bool:
@@ -215,6 +225,10 @@ class Transitions:
             step_result=row["step_result"],
         )
 
+    def finish(self, conn: Connection, run_id: str, sinks: Sequence[str]) -> None:
+        """Stamp a completed run's end and store its result: its sink steps' results."""
+        conn.execute(self._finish_result, {"run_id": run_id, "sinks": list(sinks)})
+
     def complete(
         self,
         conn: Connection,
@@ -224,12 +238,15 @@ class Transitions:
         release: Sequence[str],
         routes: Sequence[dict[str, Any]],
         sinks: Sequence[str],
+        eager: bool = False,
     ) -> Completion | None:
         """Record the attempt's result and queue every step it made ready, in one statement.
 
         ``release`` are the rows whose wait this completion shortens (a step's dependents, or
         the compensations waiting for this one); ``routes`` their queue/priority/time_limit.
-        ``None`` means a duplicate: the attempt is stale or already finished.
+        ``None`` means a duplicate: the attempt is stale or already finished. With ``eager``
+        the new messages are written as published: the caller publishes them itself after the
+        commit (and the sweeper republishes them if it dies first).
         """
         row = (
             conn.execute(
@@ -243,6 +260,7 @@ class Transitions:
                     "release": list(release),
                     "routes": dumps(list(routes)),
                     "live": LIVE_RUN_STATES[ref.kind],
+                    "eager": eager,
                 },
             )
             .mappings()
@@ -250,10 +268,14 @@ class Transitions:
         )
         if row is None:
             return None
-        completion = Completion(run_state=row["state"], ready=tuple(row["ready"]))
+        completion = Completion(
+            run_state=row["state"],
+            queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
+            trace_context=row["trace_context"],
+        )
         if completion.run_state == "completed":
             # A separate statement: its fresh snapshot sees every sink committed before ours.
-            conn.execute(self._finish_result, {"run_id": ref.run_id, "sinks": list(sinks)})
+            self.finish(conn, ref.run_id, sinks)
         elif completion.run_finished:
             conn.execute(self._finish, {"run_id": ref.run_id})
         return completion

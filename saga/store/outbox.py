@@ -18,6 +18,10 @@ SELECT :run_id, :kind, x.step, x.attempt, x.queue, x.priority, x.time_limit,
 FROM jsonb_to_recordset(CAST(:rows AS jsonb))
      AS x(step text, attempt int, queue text, priority int, time_limit float8, delay float8)
 """
+_UNPUBLISH = """
+UPDATE {outbox} SET published_at = NULL
+WHERE run_id = :run_id AND kind = :kind AND step = ANY(:steps) AND published_at IS NOT NULL
+"""
 _DROP_UNSTARTED = "DELETE FROM {outbox} WHERE run_id = :run_id AND kind = :kind"
 _CLAIM_BATCH = """
 SELECT o.id, o.run_id::text AS run_id, r.workflow, r.version, o.kind, o.step, o.attempt,
@@ -64,6 +68,7 @@ class OutboxStore:
     def __init__(self, tables: Tables) -> None:
         self._enqueue = tables.sql(_ENQUEUE)
         self._drop_unstarted = tables.sql(_DROP_UNSTARTED)
+        self._unpublish = tables.sql(_UNPUBLISH)
         self._claim_batch = tables.sql(_CLAIM_BATCH)
         self._mark_published = tables.sql(_MARK_PUBLISHED)
         self._next_due = tables.sql(_NEXT_DUE)
@@ -86,6 +91,10 @@ class OutboxStore:
             params["trace"] = None if trace_context is None else dumps(trace_context)
             conn.execute(self._enqueue, params)
 
+    def unpublish(self, conn: Connection, run_id: str, kind: str, steps: Sequence[str]) -> None:
+        """Hand messages a worker failed to publish itself back to the relay."""
+        conn.execute(self._unpublish, {"run_id": run_id, "kind": kind, "steps": list(steps)})
+
     def drop_unstarted(self, conn: Connection, run_id: str, kind: str = "step") -> None:
         """Delete the run's messages of ``kind`` no worker has claimed (the run has stopped)."""
         conn.execute(self._drop_unstarted, {"run_id": run_id, "kind": kind})
@@ -100,6 +109,11 @@ class OutboxStore:
         """Record that these messages reached the broker."""
         if ids:
             conn.execute(self._mark_published, {"ids": list(ids)})
+
+    @property
+    def next_due_sql(self) -> str:
+        """The SQL of :meth:`seconds_to_next_due`, for a plain psycopg connection."""
+        return str(self._next_due.text)
 
     def seconds_to_next_due(self, conn: Connection) -> float | None:
         """Seconds until the earliest unpublished message is due (negative: overdue)."""

@@ -309,3 +309,63 @@ def test_a_business_key_that_looks_like_a_uuid_still_finds_its_run(saga_engine: 
     assert run_id != key
     assert str(saga_engine.get_run(key)["id"]) == run_id
     assert str(saga_engine.get_run(run_id)["id"]) == run_id
+
+
+class _Recording:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.sent: list[dict[str, Any]] = []
+
+    def publish(self, envelope: Any) -> None:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append(envelope.message.as_body())
+
+
+def test_with_eager_dispatch_a_worker_publishes_what_its_completion_made_ready(
+    saga_engine: Saga,
+) -> None:
+    from saga.executor import Executor
+
+    recording = _Recording()
+    executor = Executor(saga_engine, publisher=lambda: recording)
+    run_id = saga_engine.start_now("it.diamond", {}).run_id
+    with saga_engine.engine.begin() as conn:  # the relay's part for the first step
+        conn.execute(text("UPDATE saga.outbox SET published_at = now()"))
+    body = {"run_id": run_id, "workflow": "it.diamond", "version": 1, "kind": "step",
+            "step": "a", "attempt": 1}
+    assert executor.execute(body) == "completed"
+    assert sorted(m["step"] for m in recording.sent) == ["b", "c"]
+    assert count(saga_engine, "SELECT count(*) FROM saga.outbox WHERE published_at IS NULL") == 0
+
+
+def test_when_an_eager_publish_fails_the_relay_gets_the_messages_back(saga_engine: Saga) -> None:
+    from saga.executor import Executor
+
+    executor = Executor(saga_engine, publisher=lambda: _Recording(fail=True))
+    run_id = saga_engine.start_now("it.diamond", {}).run_id
+    with saga_engine.engine.begin() as conn:
+        conn.execute(text("UPDATE saga.outbox SET published_at = now()"))
+    body = {"run_id": run_id, "workflow": "it.diamond", "version": 1, "kind": "step",
+            "step": "a", "attempt": 1}
+    assert executor.execute(body) == "completed"
+    with saga_engine.engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT step FROM saga.outbox WHERE published_at IS NULL ORDER BY step")
+        ).scalars().all()
+    assert rows == ["b", "c"]
+
+
+def test_the_sweeper_stores_the_result_a_dead_worker_did_not(saga_engine: Saga) -> None:
+    from saga.sweeper import Sweeper
+
+    run_id = saga_engine.start_now("it.linear", {}).run_id
+    drain(saga_engine)
+    with saga_engine.engine.begin() as conn:  # as if the worker died after the last completion
+        conn.execute(
+            text("UPDATE saga.runs SET finished_at = NULL, result = NULL, "
+                 "updated_at = now() - interval '1 minute'")
+        )
+    assert Sweeper(saga_engine).advance_stalled() == 1
+    run = saga_engine.get_run(run_id)
+    assert run["result"] == {"c": 3} and run["finished_at"] is not None
