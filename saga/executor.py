@@ -19,7 +19,7 @@ from saga.context import StepContext
 from saga.core import graph
 from saga.core.decide import STOPPING
 from saga.definition import Workflow
-from saga.errors import SagaError, UnknownWorkflowError
+from saga.errors import DefinitionMismatchError, SagaError, UnknownWorkflowError
 from saga.messages import Envelope, MalformedMessageError, Publisher, StepMessage
 from saga.starting import route
 from saga.steps import TaskCaller
@@ -105,7 +105,7 @@ class Executor:
         if claim.workflow != msg.workflow or claim.version != msg.version:
             return self._fail(wf, claim, SagaError("message names another workflow"), False)
         if claim.definition_hash != wf.definition_hash:
-            changed = SagaError(
+            changed = DefinitionMismatchError(
                 f"workflow {wf.name!r} v{wf.version} changed under this run: it started with "
                 f"definition {claim.definition_hash}, this worker has {wf.definition_hash}"
             )

@@ -269,3 +269,18 @@ def test_malformed_messages_are_dropped_with_a_log_line_and_the_worker_keeps_ser
     assert step_counts(system, [run_id])[run_id] == Counter(dict.fromkeys(LINEAR_STEPS, 1))
     assert system.supervisor.pid("worker") == worker_pid
     assert system.supervisor.restarts("worker") == 0
+
+
+def test_the_relay_stops_on_sigterm_with_exit_0_and_another_carries_on(system: System) -> None:
+    system.start_worker()
+    run_ids = system.start_runs("test.linear", {}, 60)
+    system.start_relay(batch_size=10)
+    wait_until(lambda: system.execution_count() >= 3, timeout=30, message="nothing ran")
+
+    assert system.supervisor.stop("relay") == 0
+    assert "finishing the batch and stopping" in system.supervisor.log("relay")
+    assert "relay stopped" in system.supervisor.log("relay")
+
+    system.start_relay(name="relay2", batch_size=10)
+    states = system.wait_finished(run_ids, timeout=120)
+    assert Counter(states.values()) == Counter(completed=len(run_ids))
