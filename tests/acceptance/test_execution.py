@@ -52,6 +52,18 @@ def test_a_linear_workflow_and_a_ten_way_fan_out_complete_running_each_step_once
     assert counts[fan] == Counter(dict.fromkeys(FAN_STEPS, 1))
 
 
+def test_an_existing_celery_task_runs_as_a_step_on_a_worker_that_has_it(system: System) -> None:
+    system.start_worker()
+    system.start_relay()
+
+    [run_id] = system.start_runs("test.legacy", {"prices": [1200, 350, 99]})
+    system.wait_finished([run_id], timeout=60)
+
+    run = system.run(run_id)
+    assert run["state"] == "completed"
+    assert run["result"] == {"total": 1649}
+
+
 def test_a_step_whose_worker_is_killed_mid_run_runs_again_and_the_run_completes(
     system: System,
 ) -> None:

@@ -14,7 +14,7 @@ from celery import Celery
 from sqlalchemy import text
 
 import saga
-from saga import PermanentError, RetryPolicy, StepContext, Workflow
+from saga import CeleryTaskStep, PermanentError, RetryPolicy, StepContext, Workflow
 
 registry = saga.Registry()
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.1)
@@ -68,6 +68,18 @@ def _fan(name: str, time_limit: float, queue: str) -> Workflow:
     return wf
 
 
+def _legacy(queue: str) -> Workflow:
+    """An existing Celery task (``tests.legacy_total``, registered below) as a step."""
+    wf = Workflow("test.legacy", retry=FAST, time_limit=20, queue=queue)
+    wf.add_step("prepare", _behaviour)
+    wf.add_step(
+        "total",
+        CeleryTaskStep("tests.legacy_total", kwargs=lambda ctx: {"prices": ctx.input["prices"]}),
+        after=["prepare"],
+    )
+    return wf
+
+
 def workflows(queue: str = QUEUE) -> list[Workflow]:
     """The test workflows with their messages on ``queue`` (a test process builds the same
     definitions as its workers, to start runs they accept). The ``_quick`` ones have short
@@ -77,13 +89,20 @@ def workflows(queue: str = QUEUE) -> list[Workflow]:
         _fan("test.fan", 20, queue),
         _linear("test.linear_quick", 3, queue),
         _fan("test.fan_quick", 5, queue),
+        _legacy(queue),
     ]
 
 
-linear, fan, linear_quick, fan_quick = workflows()
-for _wf in (linear, fan, linear_quick, fan_quick):
+linear, fan, linear_quick, fan_quick, legacy = workflows()
+for _wf in (linear, fan, linear_quick, fan_quick, legacy):
     registry.register(_wf)
 
 engine = saga.Saga(registry, database_url=os.environ["SAGA_DATABASE_URL"])
 app = Celery("saga-tests", broker=os.environ.get("SAGA_BROKER_URL", "redis://127.0.0.1:6379/5"))
 saga.install(app, engine)
+
+
+@app.task(name="tests.legacy_total")  # type: ignore[untyped-decorator]
+def legacy_total(prices: list[int]) -> int:
+    """A task that existed before saga: it knows nothing of runs or steps."""
+    return sum(prices)
