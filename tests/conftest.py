@@ -12,6 +12,7 @@ from sqlalchemy import Engine, create_engine
 
 from tests.support import db
 from tests.support.procs import Supervisor
+from tests.support.waiting import wait_until
 
 REDIS_TEST_DB = int(os.environ.get("SAGA_TEST_REDIS_DB", "5"))
 REDIS_BASE = os.environ.get("SAGA_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -60,14 +61,28 @@ def empty_db_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_url() -> str:
-    """URL of a Redis database reserved for tests, emptied first."""
+    """URL of a Redis database reserved for tests, emptied first. It first waits (with a
+    deadline) for Redis to answer: an outage test may have just restarted it."""
     url = f"{REDIS_BASE}/{REDIS_TEST_DB}"
+    wait_until(
+        lambda: _redis_answers(url), timeout=60, interval=0.2, message="Redis is not up"
+    )
     client = redis.Redis.from_url(url)
     try:
         client.flushdb()
     finally:
         client.close()
     return url
+
+
+def _redis_answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
 
 
 @pytest.fixture

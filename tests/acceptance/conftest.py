@@ -24,7 +24,6 @@ from sqlalchemy import create_engine, text
 
 import saga
 from saga import Settings
-from tests.conftest import REDIS_BASE, REDIS_TEST_DB
 from tests.support.procs import Supervisor
 from tests.support.waiting import wait_until
 
@@ -188,20 +187,6 @@ class System:
         """How many times any step code ran so far."""
         with self.engine.engine.connect() as conn:
             return int(conn.execute(text("SELECT count(*) FROM executions")).scalar_one())
-
-
-@pytest.fixture
-def redis_url() -> str:
-    """Like the root fixture, but first waits (with a deadline) for Redis to answer: another
-    test session on this machine may be in the middle of a Redis outage test."""
-    wait_until(redis_up, timeout=60, interval=0.2, message="Redis is not up")
-    url = f"{REDIS_BASE}/{REDIS_TEST_DB}"
-    client = redis.Redis.from_url(url)
-    try:
-        client.flushdb()
-    finally:
-        client.close()
-    return url
 
 
 @pytest.fixture
