@@ -89,12 +89,3 @@ def compensation_plan(
     Independent branches wait for nothing of each other and may run in parallel.
     """
     return {s: frozenset(descendants(after, s) & to_undo) for s in to_undo}
-
-
-def compensation_release(plan: Mapping[str, frozenset[str]]) -> dict[str, tuple[str, ...]]:
-    """Inverse of a plan: the compensations each finished compensation brings closer to ready."""
-    out: dict[str, list[str]] = {s: [] for s in plan}
-    for s, waits_for in plan.items():
-        for w in waits_for:
-            out[w].append(s)
-    return {s: tuple(sorted(v)) for s, v in out.items()}

@@ -19,8 +19,6 @@ that fails for good → ``compensation_failed``, which waits for an operator, wh
 it or mark it ``resolved``."""
 
 RUN_ACTIVE = ("running", "compensating", "cancelling")
-RUN_FINISHED = ("completed", "compensated", "failed", "cancelled", "resolved")
-RUN_WAITING_FOR_OPERATOR = ("compensation_failed",)
 
 STEP_STATES = ("waiting", "ready", "running", "completed", "failed", "skipped")
 """A step (or compensation) row: ``waiting`` for dependencies, ``ready`` with a message in the
