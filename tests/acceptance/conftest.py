@@ -8,7 +8,10 @@ recovery (lease expiry, republishing lost messages) happens within a test's pati
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
+import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -39,27 +42,6 @@ CREATE TABLE executions (
     id bigserial primary key, run_id uuid, kind text, step text, attempt int,
     idempotency_key text, note text, at timestamptz default now())
 """
-
-REDIS_PORT = 6379
-REDIS_START = [
-    "redis-server",
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "-::1",
-    "--port",
-    str(REDIS_PORT),
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-    "--dir",
-    "/var/lib/redis",
-    "--logfile",
-    "/var/log/redis/ci.log",
-]
-
 
 def _relay_code(batch_size: int) -> str:
     return (
@@ -197,6 +179,7 @@ def broker() -> str:
 
 @pytest.fixture
 def system(
+    request: pytest.FixtureRequest,
     broker: str,
     db_url: str,
     redis_url: str,
@@ -205,9 +188,12 @@ def system(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[System]:
     """A database with an ``executions`` table, a queue of this test's own on ``broker``, and
-    the environment for worker and relay processes; start them with the System's methods."""
+    the environment for worker and relay processes; start them with the System's methods.
+    A test that also asks for ``redis_server`` gets that private Redis as its broker."""
     queue = f"saga_{secrets.token_hex(4)}"
     broker_url = redis_url if broker == "redis" else amqp_url
+    if "redis_server" in request.fixturenames:
+        broker_url = request.getfixturevalue("redis_server").url
     env = {
         "SAGA_DATABASE_URL": db_url,
         "SAGA_BROKER_URL": broker_url,
@@ -246,59 +232,74 @@ def system(
 # -- Redis outages ---------------------------------------------------------------------------
 
 
-def redis_up() -> bool:
-    """Whether the Redis server answers PING."""
-    client = redis.Redis(
-        host="127.0.0.1", port=REDIS_PORT, socket_timeout=1, socket_connect_timeout=1
-    )
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
-def kill_redis() -> None:
-    """Stop the Redis server at once, without saving anything."""
-    with contextlib.suppress(redis.RedisError):
-        redis.Redis(host="127.0.0.1", port=REDIS_PORT, socket_timeout=2).shutdown(nosave=True)
-    wait_until(lambda: not redis_up(), timeout=10, message="Redis did not go down")
-
-
-def start_redis() -> None:
-    """Start an empty Redis server (nothing is kept on disk) and wait until it answers."""
-    if redis_up():
-        return
-    subprocess.run(REDIS_START, check=True, timeout=10)
-    wait_until(redis_up, timeout=15, interval=0.1, message="Redis did not come back")
-
-
-@contextlib.contextmanager
-def redis_outage() -> Iterator[None]:
-    """Kill Redis for the duration of the block; it is started again (empty) whatever
-    happens."""
-    try:
-        kill_redis()
-        yield
-    finally:
-        start_redis()
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """Control over the Redis server; whatever the test did, it is running at teardown."""
-    server = RedisServer()
-    try:
-        yield server
-    finally:
-        start_redis()
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class RedisServer:
-    """Kill and restart the (only) Redis server."""
+    """A private Redis server on a port of its own (never the shared one), killed and started
+    again by its pid; it keeps nothing on disk, so a restart loses every message."""
 
-    up = staticmethod(redis_up)
-    kill = staticmethod(kill_redis)
-    start = staticmethod(start_redis)
-    outage = staticmethod(redis_outage)
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def up(self) -> bool:
+        """Whether the server answers PING."""
+        client = redis.Redis(
+            host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1
+        )
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def start(self) -> None:
+        """Start it (empty) and wait until it answers."""
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)]
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
+        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.up, timeout=15, interval=0.1, message="private Redis did not start")
+
+    def kill(self) -> None:
+        """SIGKILL it: nothing is saved."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait(10)
+        wait_until(lambda: not self.up(), timeout=10, message="Redis did not go down")
+
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """Kill Redis for the duration of the block; it is started again (empty) whatever
+        happens."""
+        try:
+            self.kill()
+            yield
+        finally:
+            self.start()
+
+    def stop(self) -> None:
+        """Stop it for good."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private Redis server for a test that kills its broker; stopped at teardown."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
