@@ -25,7 +25,6 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-BROKER_URL = "redis://127.0.0.1:6379/6"
 APP_MODULE = "tests.apps.compensating"
 LEASE_GRACE = 2
 REPUBLISH_AFTER = 5
@@ -136,8 +135,8 @@ class Cluster:
             return list(result.all()) if result.returns_rows else []
 
 
-def flush_broker() -> None:
-    client = redis.Redis.from_url(BROKER_URL)
+def flush_broker(url: str) -> None:
+    client = redis.Redis.from_url(url)
     try:
         client.flushdb()
     finally:
@@ -145,10 +144,10 @@ def flush_broker() -> None:
 
 
 @pytest.fixture
-def cluster(db_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
-    """A fresh database with ``executions`` and ``control`` tables, an empty broker, and an
-    engine for the test; start workers and the relay with :func:`running`."""
-    flush_broker()
+def cluster(db_url: str, redis_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
+    """A fresh database with ``executions`` and ``control`` tables, an empty broker (the tests'
+    own Redis database), and an engine for the test; start workers and the relay with
+    :func:`running`."""
     setup = create_engine(db_url)
     try:
         with setup.begin() as conn:
@@ -158,7 +157,7 @@ def cluster(db_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
         setup.dispose()
     env = {
         "SAGA_DATABASE_URL": db_url,
-        "SAGA_BROKER_URL": BROKER_URL,
+        "SAGA_BROKER_URL": redis_url,
         "SAGA_LEASE_GRACE": str(LEASE_GRACE),
         "SAGA_REPUBLISH_AFTER": str(REPUBLISH_AFTER),
         "PYTHONUNBUFFERED": "1",
@@ -170,7 +169,7 @@ def cluster(db_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
     finally:
         supervisor.stop_all()
         engine.engine.dispose()
-        flush_broker()
+        flush_broker(redis_url)
 
 
 def running(cluster: Cluster, workers: int = 2) -> Cluster:
