@@ -86,9 +86,10 @@ class Relay:
                 failure = exc
                 break
             published.append(row["id"])
+        held = rows[0]["held_until"] if rows else None
         try:
-            outbox.mark_published(conn, published, self.saga.settings.republish_after)
-            outbox.release(conn, [r["id"] for r in rows[len(published) :]])
+            outbox.mark_published(conn, published, held, self.saga.settings.republish_after)
+            outbox.release(conn, [r["id"] for r in rows[len(published) :]], held)
         except DBAPIError:
             self._close_connection()
             raise
