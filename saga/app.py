@@ -151,26 +151,40 @@ class Saga:
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    def on_hot_path(self, name: str, statement: Callable[[Connection], T]) -> T:
-        """Run one guarded hot-path statement (``name``: ``claim`` or ``complete``) on an
-        autocommit connection of the engine's pool, held only for the statement.
+    def on_hot_path(
+        self, name: str, statement: Callable[[Connection], T], *, transaction: bool = False
+    ) -> T:
+        """Run guarded hot-path statements (``name``: ``claim`` or ``complete``) on a
+        connection of the engine's pool, held only for them: one statement in autocommit, or
+        with ``transaction`` several in one transaction (a completion and the claim of the
+        step it chains).
 
         Holding nothing while a step's code runs keeps the pool free for that code and for the
-        slow path. If the connection turns out to be dead, the statement runs once more on a
-        fresh one: claims and completions are guarded and replayable, so a retry of one that
-        did commit finds what it did."""
+        slow path. If the connection turns out to be dead, the statements run once more on a
+        fresh one: claims and completions are guarded and replayable, so a retry of what did
+        commit finds what it did."""
         for attempt in (1, 2):
             try:
+                if transaction:
+                    with self.engine.connect() as conn:
+                        with conn.begin():
+                            result = statement(conn)
+                        self._maybe_lose_reply(conn, name, attempt)
+                        return result
                 with self._autocommit_engine.connect() as conn:
                     result = statement(conn)
-                    if attempt == 1 and faults.armed("hot_path.reply_lost", name):
-                        faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
-                        result = statement(conn)  # fails: the reply is lost
+                    self._maybe_lose_reply(conn, name, attempt)
                     return result
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _maybe_lose_reply(conn: Connection, name: str, attempt: int) -> None:
+        if attempt == 1 and faults.armed("hot_path.reply_lost", name):
+            faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
+            conn.exec_driver_sql("SELECT 1")  # fails: as if the reply had been lost
 
     def connect_raw(self, timeout: float = 5.0) -> psycopg.Connection[Any]:
         """A psycopg connection of its own, outside the engine's pool, in autocommit: for a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -65,7 +66,9 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         raise ValueError("saga accepts JSON messages only")
     app.conf.update(merged)
     _ENGINES[app] = saga
-    executor = Executor(saga, publisher=lambda: CeleryPublisher(app))
+    executor = Executor(
+        saga, publisher=lambda: CeleryPublisher(app), queues=lambda: consumed_queues(app)
+    )
     caller = _TaskCaller(app)
 
     @app.task(  # type: ignore[untyped-decorator]
@@ -75,7 +78,13 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         if args:
             logs.event(log, logging.WARNING, "dropped a step message with positional args")
             return "malformed"
-        return executor.execute(kwargs, caller, telemetry.carrier_from_request(self.request))
+        hard = (getattr(self.request, "timelimit", None) or (None, None))[0]
+        return executor.execute(
+            kwargs,
+            caller,
+            telemetry.carrier_from_request(self.request),
+            deadline=time.monotonic() + float(hard) if hard else None,
+        )
 
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _fresh_pool(**_: Any) -> None:
@@ -86,14 +95,21 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
     def _check_pool(sender: Any = None, **_: Any) -> None:
         if sender is None or getattr(sender, "app", None) is not app:
             return
-        consumed = getattr(sender.app.amqp.queues, "consume_from", None) or {}
-        refusal = refused_pool(str(sender.pool_cls), set(consumed), saga_queues(saga))
+        refusal = refused_pool(str(sender.pool_cls), set(consumed_queues(app)), saga_queues(saga))
         if refusal:
             log.critical(refusal)
             # Celery logs and swallows an Exception raised by a signal handler.
             raise SystemExit(f"saga: {refusal}")
 
     return app
+
+
+def consumed_queues(app: Celery) -> frozenset[str]:
+    """The queues this worker process consumes (``-Q``, set before the pool forks; without it,
+    every queue the app declares)."""
+    queues = app.amqp.queues
+    consume_from = getattr(queues, "consume_from", None)
+    return frozenset(consume_from if consume_from is not None else queues)
 
 
 def saga_queues(saga: Saga) -> set[str]:
