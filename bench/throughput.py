@@ -46,7 +46,8 @@ import psycopg
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_NAME = "saga_bench"
+DB_NAME = os.environ.get("SAGA_BENCH_DB", "saga_bench")
+"""The scratch database (dropped and created): another name lets two benchmarks run at once."""
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres"
 DATABASE_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}"
 REDIS_URL = "redis://127.0.0.1:6379/4"

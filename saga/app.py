@@ -65,7 +65,11 @@ class Saga:
         self.settings = settings or Settings.from_env()
         if engine is None:
             url = normalize_url(database_url) if database_url else database_url_from_env()
-            engine = create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+            # No pre-ping: it is a round trip (and a transaction PostgreSQL counts) on every
+            # checkout, and the hot path takes a connection per statement. A connection found
+            # dead is retried once on a fresh one instead (see ``on_hot_path``), and
+            # SQLAlchemy then renews the whole pool.
+            engine = create_engine(url, pool_size=5, max_overflow=5)
         self.engine = engine
         # Shares the engine's pool; every connection it hands out is in autocommit.
         self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -199,6 +203,17 @@ class Saga:
         belong to the parent)."""
         self.engine.dispose(close=False)
 
+    def in_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a transaction of its own, once more on a fresh connection if the
+        first turned out to be dead (for the slow path's guarded, idempotent transitions)."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _in_tx(self, fn: Callable[[Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
+        return self.in_transaction(fn)

@@ -178,8 +178,7 @@ class Executor:
     def _defer(self, msg: StepMessage, fields: dict[str, Any]) -> str:
         """Send the message back through the outbox, for a worker that has the run's
         definition (an older or newer deploy); it backs off with each deferral."""
-        with self.saga.engine.begin() as conn:
-            deferrals = self.saga.lifecycle.outbox.defer(conn, msg.ref)
+        deferrals = self.saga.in_transaction(lambda c: self.saga.lifecycle.outbox.defer(c, msg.ref))
         if deferrals is None:
             logs.event(log, logging.INFO, "dropped a stale or duplicate message", **fields)
             return "duplicate"
@@ -301,8 +300,7 @@ class Executor:
         if eager and done.queued:
             self._dispatch(wf, claim, done)
         if ref.kind == "step" and done.run_state in STOPPING:
-            with self.saga.engine.begin() as conn:
-                self.saga.lifecycle.advance(conn, ref.run_id)
+            self.saga.in_transaction(lambda c: self.saga.lifecycle.advance(c, ref.run_id))
         return "completed", None if chained is None else (chained, chain_token)
 
     def _claim_chained(self, conn: Any, wf: Workflow, ref: AttemptRef, token: str) -> Claim | None:
@@ -361,10 +359,10 @@ class Executor:
         ref = claim.ref
         policy = wf.retry_for(ref.step, ref.kind)
         delay = policy.delay_after(ref.attempt - claim.first_attempt + 1) if retryable else None
-        with self.saga.engine.begin() as conn:
-            outcome = self.saga.lifecycle.fail_attempt_in_tx(
-                conn, ref, error_doc(exc, ref.attempt), delay
-            )
+        error = error_doc(exc, ref.attempt)
+        outcome = self.saga.in_transaction(
+            lambda c: self.saga.lifecycle.fail_attempt_in_tx(c, ref, error, delay)
+        )
         logs.event(
             log,
             logging.WARNING,

@@ -38,8 +38,9 @@ WITH batch AS (
     FROM batch WHERE o.id = batch.id
     RETURNING o.id, o.available_at
 )
-SELECT o.id, taken.available_at AS held_until, o.run_id::text AS run_id, r.workflow, r.version, r.definition_hash, o.kind, o.step,
-       o.attempt, o.queue, o.priority, o.time_limit, o.publish_count, o.trace_context,
+SELECT o.id, taken.available_at AS held_until, o.run_id::text AS run_id, r.workflow,
+       r.version, r.definition_hash, o.kind, o.step, o.attempt, o.queue, o.priority,
+       o.time_limit, o.publish_count, o.trace_context,
        EXTRACT(EPOCH FROM (batch.available_at - now()))::float8 AS countdown,
        EXTRACT(EPOCH FROM (now() - o.created_at))::float8 AS age
 FROM batch JOIN taken ON taken.id = batch.id JOIN {outbox} o ON o.id = batch.id
