@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session
 
 from saga import faults, telemetry
 from saga.definition import Workflow
+from saga.dispatch import Dispatcher
 from saga.errors import SagaError, UnknownRunError
 from saga.lifecycle import Lifecycle
+from saga.messages import Publisher
 from saga.registry import Registry
 from saga.settings import Settings
 from saga.starting import Started, Starter
@@ -77,6 +79,9 @@ class Saga:
         self.transitions = Transitions(self.tables)
         self.lifecycle = Lifecycle(self.tables, registry)
         self._starter = Starter(self.tables, self.settings)
+        self.dispatcher: Dispatcher | None = None
+        """Publishes what starts and completions make ready after their commit (set by
+        :meth:`use_publisher`); without one, the relay publishes everything."""
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -97,14 +102,29 @@ class Saga:
             if isinstance(workflow, str)
             else self.registry.register(workflow)
         )
-        return self._starter.start(
-            target, wf, input, key=key, trace_context=telemetry.capture_context()
+        trace = telemetry.capture_context()
+        prompt = self.dispatcher is not None and isinstance(target, Session)
+        started = self._starter.start(
+            target, wf, input, key=key, trace_context=trace, published=prompt
         )
+        if prompt and started.created:
+            assert self.dispatcher is not None and isinstance(target, Session)
+            self.dispatcher.after_commit(target, wf, started.run_id, trace)
+        return started
 
     def start_now(self, workflow: Workflow | str, input: Any, *, key: str | None = None) -> Started:
-        """Start a run in a transaction of its own (for scripts and tests)."""
-        with self.engine.begin() as conn:
-            return self.start(conn, workflow, input, key=key)
+        """Start a run in a transaction of its own (for scripts and tests); its first steps
+        go out as soon as it commits."""
+        with Session(self.engine) as session, session.begin():
+            return self.start(session, workflow, input, key=key)
+
+    def use_publisher(self, make_publisher: Callable[[], Publisher]) -> None:
+        """Publish the messages this engine's starts (in a Session, or ``start_now``) and
+        completions make ready right after their commit, with a publisher from
+        ``make_publisher`` (:func:`saga.install` calls this with the Celery app's); the relay
+        stays the fallback. Off with ``Settings(eager_dispatch=False)``."""
+        if self.settings.eager_dispatch:
+            self.dispatcher = Dispatcher(self, make_publisher)
 
     # -- operator actions --------------------------------------------------------------------
 

@@ -204,6 +204,11 @@ class Workflow:
         return name in self._steps
 
     @property
+    def roots(self) -> tuple[str, ...]:
+        """The steps that depend on nothing: ready as soon as a run starts."""
+        return graph.roots(self.after_map)
+
+    @property
     def step_names(self) -> tuple[str, ...]:
         """Step names in declaration order."""
         return tuple(self._steps)

@@ -9,7 +9,6 @@ renewed, brings the step back through the sweeper.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -19,8 +18,6 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.exc import DBAPIError
-
 from saga import logs, telemetry
 from saga.app import Saga
 from saga.codec import encode
@@ -29,9 +26,10 @@ from saga.core import graph
 from saga.core.attempts import AttemptRef
 from saga.core.states import STOPPING
 from saga.definition import Workflow
+from saga.dispatch import Dispatcher
 from saga.errors import SagaError, UnknownWorkflowError
 from saga.heartbeat import Heartbeat, Lease
-from saga.messages import Envelope, MalformedMessageError, Publisher, StepMessage
+from saga.messages import MalformedMessageError, Publisher, StepMessage
 from saga.steps import TaskCaller
 from saga.timeouts import StepTimeoutError, Watchdog, time_limit
 from saga.transitions import Claim, Completion
@@ -79,7 +77,8 @@ class Executor:
         queues: Callable[[], Collection[str]] | None = None,
     ) -> None:
         """``publisher`` makes (once, lazily: after a fork) the publisher for eager dispatch;
-        without one, every message goes through the relay. ``queues`` says which queues this
+        without one, the engine's (:meth:`~saga.Saga.use_publisher`), and without that every
+        message goes through the relay. ``queues`` says which queues this
         worker consumes: a step a completion makes ready on one of them is run next,
         in-process (see :class:`~saga.settings.Settings`); without it, none is."""
         self.saga = saga
@@ -87,8 +86,11 @@ class Executor:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = Heartbeat(saga)
         self._watchdog = Watchdog()
-        self._make_publisher = publisher if saga.settings.eager_dispatch else None
-        self._publisher: Publisher | None = None
+        self._dispatcher = (
+            Dispatcher(saga, publisher)
+            if publisher and saga.settings.eager_dispatch
+            else saga.dispatcher
+        )
 
     def execute(
         self,
@@ -269,7 +271,7 @@ class Executor:
         else:
             release = tuple(sorted(graph.ancestors(after, ref.step)))
         routes = [wf.route(s) for s in release]
-        eager = self._make_publisher is not None
+        eager = self._dispatcher is not None
         chain = self._chainable(wf, ref, release, delivery)
         chain_token = self._token()
 
@@ -297,8 +299,8 @@ class Executor:
             return "duplicate", None
         if done.replayed:
             logs.event(log, logging.INFO, "completion replayed after a lost reply", **fields)
-        if eager and done.queued:
-            self._dispatch(wf, claim, done)
+        if self._dispatcher is not None:
+            self._dispatcher.publish(wf, ref.run_id, ref.kind, done.queued, done.trace_context)
         if ref.kind == "step" and done.run_state in STOPPING:
             self.saga.in_transaction(lambda c: self.saga.lifecycle.advance(c, ref.run_id))
         return "completed", None if chained is None else (chained, chain_token)
@@ -320,39 +322,6 @@ class Executor:
 
     def _token(self) -> str:
         return f"{self.worker_id}:{uuid.uuid4().hex[:12]}"
-
-    def _dispatch(self, wf: Workflow, claim: Claim, done: Completion) -> None:
-        """Publish the messages a completion wrote as published. On a broker error they go back
-        to the relay; if this process dies first, the sweeper republishes them."""
-        assert self._make_publisher is not None
-        if self._publisher is None:
-            self._publisher = self._make_publisher()
-        ref = claim.ref
-        sent: list[str] = []
-        try:
-            for queued in done.queued:
-                row = {
-                    **queued,
-                    "run_id": ref.run_id,
-                    "workflow": wf.name,
-                    "version": wf.version,
-                    "definition_hash": wf.definition_hash,
-                    "kind": ref.kind,
-                    "countdown": None,
-                    "trace_context": done.trace_context,
-                }
-                with telemetry.publishing(row) as headers:
-                    self._publisher.publish(Envelope.from_outbox(row, headers))
-                sent.append(queued["step"])
-        except Exception as exc:
-            unsent = [m["step"] for m in done.queued if m["step"] not in sent]
-            logs.event(
-                log, logging.WARNING,
-                f"eager publish failed, leaving it to the relay: {logs.describe(exc)}",
-                run_id=ref.run_id, workflow=wf.name, kind=ref.kind, steps=",".join(unsent),
-            )
-            with contextlib.suppress(DBAPIError), self.saga.engine.begin() as conn:
-                self.saga.lifecycle.outbox.unpublish(conn, ref.run_id, ref.kind, unsent)
 
     def _fail(self, wf: Workflow, claim: Claim, exc: BaseException, retryable: bool) -> str:
         telemetry.record_exception(exc)

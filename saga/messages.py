@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from saga.core.attempts import AttemptRef
 
@@ -105,8 +105,33 @@ class Envelope:
 
 
 class Publisher(Protocol):
-    """Puts one step message on the broker, or raises."""
+    """Puts step messages on the broker."""
 
     def publish(self, envelope: Envelope) -> None:
-        """Publish or raise."""
+        """Publish one message or raise."""
         ...
+
+
+@runtime_checkable
+class BatchPublisher(Publisher, Protocol):
+    """A publisher that can put many messages on the broker in one go (the relay uses it when
+    it can)."""
+
+    def publish_many(self, envelopes: Sequence[Envelope]) -> tuple[int, Exception | None]:
+        """Publish in order; how many went out, and the error that stopped the rest."""
+        ...
+
+
+def publish_in_order(
+    publisher: Publisher, envelopes: Sequence[Envelope]
+) -> tuple[int, Exception | None]:
+    """Publish in order (in one go when the publisher can): how many went out, and the error
+    that stopped the rest."""
+    if isinstance(publisher, BatchPublisher):
+        return publisher.publish_many(envelopes)
+    for sent, envelope in enumerate(envelopes):
+        try:
+            publisher.publish(envelope)
+        except Exception as exc:
+            return sent, exc
+    return len(envelopes), None
