@@ -14,12 +14,18 @@ from sqlalchemy.exc import DBAPIError
 
 from saga import logs, telemetry
 from saga.app import Saga
-from saga.codec import encode
+from saga.codec import encode_result
 from saga.context import StepContext
 from saga.core import graph
 from saga.core.decide import STOPPING
 from saga.definition import Workflow
-from saga.errors import DefinitionMismatchError, SagaError, UnknownWorkflowError
+from saga.errors import (
+    DefinitionMismatchError,
+    SagaError,
+    UnknownWorkflowError,
+    describe,
+    error_document,
+)
 from saga.messages import Envelope, MalformedMessageError, Publisher, StepMessage
 from saga.starting import route
 from saga.steps import TaskCaller
@@ -30,12 +36,8 @@ log = logging.getLogger("saga.worker")
 
 
 def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
-    """A failed attempt's error as stored: type, message and attempt."""
-    return {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc)[:2000],
-        "attempt": attempt,
-    }
+    """A failed attempt's error as stored (see :func:`saga.errors.error_document`)."""
+    return error_document(exc, attempt)
 
 
 class Executor:
@@ -135,12 +137,7 @@ class Executor:
             limit = wf.time_limit_for(ref.step)
             with time_limit(limit, f"{ref.kind} {ref.step!r}"):
                 result = runner.run(ctx, tasks)
-            result_json = encode(
-                result,
-                workflow=wf.name,
-                field=f"result of step {ref.step!r}",
-                limit=self.saga.settings.max_result_bytes,
-            )
+            result_json = encode_result(result, limit=self.saga.settings.max_result_bytes)
         except Exception as exc:
             policy = wf.retry_for(ref.step, ref.kind)
             retryable = not isinstance(exc, SagaError) and policy.is_retryable(exc)
@@ -221,7 +218,7 @@ class Executor:
         logs.event(
             log,
             logging.WARNING,
-            f"attempt failed: {type(exc).__name__}: {exc}",
+            f"attempt failed: {describe(exc)}",
             run_id=ref.run_id,
             workflow=wf.name,
             step=ref.step,
