@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from saga import telemetry
 from saga.errors import UnstorableResultError, error_document, exception_text
 
 
@@ -41,3 +45,21 @@ def test_an_unstorable_result_is_marked_as_an_unknown_outcome_and_other_errors_a
         "outcome": "unknown",
     }
     assert ordinary == {"type": "builtins.ValueError", "message": "badbyte", "attempt": 1}
+
+
+def test_an_exception_whose_str_raises_is_recorded_on_the_attempts_span() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    with provider.get_tracer("test").start_as_current_span("attempt"):
+        telemetry.record_exception(UnprintableError())
+
+    [span] = exporter.get_finished_spans()
+    assert span.status.description == (
+        "UnprintableError: UnprintableError (its __str__ raised RuntimeError)"
+    )
+    [recorded] = span.events
+    assert recorded.name == "exception"
+    assert recorded.attributes is not None
+    assert str(recorded.attributes["exception.type"]).endswith("UnprintableError")
