@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from saga import logs, telemetry
+from saga import codec, logs, telemetry
 from saga.app import Saga
 from saga.context import JSON
 from saga.errors import SagaError, describe
@@ -100,6 +101,8 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
 MAX_MESSAGE_BYTES = 64 * 1024
 """The largest saga.execute body accepted (step messages carry ids and names: a few hundred
 bytes)."""
+MESSAGE_DEPTH = 4
+"""How deeply a saga.execute body may nest (``[args, {"run_id": ...}, embed]`` is 2)."""
 HEADER_TEXT_LIMIT = 4096
 """The longest string a saga.execute message header may hold."""
 _TEXT_HEADERS = (
@@ -109,8 +112,14 @@ _TEXT_HEADERS = (
 _EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9
+def _is_limit(value: object) -> bool:
+    """A time limit Celery's pool can use: a finite number >= 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
 
 
 def _header_problem(headers: Mapping[Any, Any]) -> str | None:
@@ -129,7 +138,7 @@ def _header_problem(headers: Mapping[Any, Any]) -> str | None:
     if timelimit is not None and not (
         isinstance(timelimit, list | tuple)
         and len(timelimit) == 2
-        and all(v is None or _is_number(v) for v in timelimit)
+        and all(v is None or _is_limit(v) for v in timelimit)
     ):
         return "header 'timelimit' is not a pair of numbers"
     retries = headers.get("retries")
@@ -144,6 +153,11 @@ def _body_problem(payload: Any) -> str | None:
         if isinstance(payload, list | tuple):
             what += f" of {len(payload)} items"
         return f"the body is a {what}, not [args, kwargs, embed]"
+    # Step messages are flat: deep nesting could only exhaust the stack where Celery pickles
+    # the request for the pool.
+    found = codec.problem(payload, "body", max_depth=MESSAGE_DEPTH)
+    if found:
+        return f"{found[1]} at {found[0]}"
     args, kwargs, embed = payload
     if not isinstance(args, list | tuple):
         return f"args is a {type(args).__name__}, not a list"

@@ -109,6 +109,8 @@ def hostile_messages(run_id: str) -> list[Hostile]:
         raw("arity-2", "the body is a list of 2 items", "[[], {}]"),
         raw("arity-4", "the body is a list of 4 items", "[[], {}, {}, 1]"),
         raw("wrong-types", "args is a int, not a list", "[1, 2, 3]"),
+        raw("deep-body", "nested more than 4 levels deep at body[1]['run_id']",
+            '[[], {"run_id": ' + "[" * 900 + "]" * 900 + "}, {}]"),
         raw("callbacks", "carries no callbacks",
             json.dumps([[], step_kwargs(run_id), {**EMBED, "callbacks": [{"task": "x"}]}])),
         raw("protocol-1", "a protocol 1 message",
