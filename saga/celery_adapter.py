@@ -20,7 +20,7 @@ from celery import Celery, signals
 from saga import codec, logs, telemetry
 from saga.app import Saga
 from saga.context import JSON
-from saga.errors import SagaError, describe
+from saga.errors import SagaError
 from saga.executor import Executor
 from saga.messages import Envelope
 
@@ -84,7 +84,39 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         # A forked child must not share the parent's database connections.
         saga.forget_connections()
 
+    @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _check_pool(sender: Any = None, **_: Any) -> None:
+        if sender is None or getattr(sender, "app", None) is not app:
+            return
+        consumed = getattr(sender.app.amqp.queues, "consume_from", None) or {}
+        refusal = refused_pool(str(sender.pool_cls), set(consumed), saga_queues(saga))
+        if refusal:
+            log.critical(refusal)
+            # Celery logs and swallows an Exception raised by a signal handler.
+            raise SystemExit(f"saga: {refusal}")
+
     return app
+
+
+def saga_queues(saga: Saga) -> set[str]:
+    """Every queue a step or compensation of a registered workflow is sent to."""
+    return {wf.queue_for(step) for wf in saga.registry for step in wf.step_names}
+
+
+def refused_pool(pool: str, consumed: set[str], queues: set[str]) -> str | None:
+    """Why a worker with Celery pool ``pool`` consuming ``consumed`` (empty: every queue) must
+    not run saga's steps, or ``None``. saga enforces a step's time limit on a process's main
+    thread or, in the threads pool, on the step's own thread; gevent and eventlet run many steps
+    on one thread, where neither can stop an overrunning step."""
+    if "gevent" not in pool.lower() and "eventlet" not in pool.lower():
+        return None
+    serving = sorted(consumed & queues) if consumed else sorted(queues)
+    if not serving:
+        return None
+    return (
+        f"the {pool!r} pool cannot enforce saga steps' time limits; run queues "
+        f"{', '.join(serving)} on a prefork, threads or solo worker (-P prefork|threads|solo)"
+    )
 
 
 # -- poison messages -----------------------------------------------------------------------------
@@ -192,7 +224,7 @@ def message_problem(message: Any, body: Any) -> str | None:
     try:
         payload = message.decode()
     except Exception as exc:
-        return f"the body does not decode: {describe(exc)}"
+        return f"the body does not decode: {logs.describe(exc)}"
     return _body_problem(payload)
 
 
@@ -212,7 +244,7 @@ def _drop(message: Any, problem: str, connection_errors: tuple[type[BaseExceptio
     try:
         message.reject(requeue=False)  # to the dead-letter exchange, where there is one
     except connection_errors as exc:
-        logs.event(log, logging.WARNING, f"could not reject the message: {describe(exc)}")
+        logs.event(log, logging.WARNING, f"could not reject the message: {logs.describe(exc)}")
 
 
 def guarded_strategy(task: Any, app: Celery, consumer: Any, **options: Any) -> Any:
@@ -231,7 +263,7 @@ def guarded_strategy(task: Any, app: Celery, consumer: Any, **options: Any) -> A
             try:
                 return handle(message, body, *args, **kwargs)
             except Exception as exc:  # InvalidTaskError (bad eta...) or anything unforeseen
-                problem = f"Celery refused it: {describe(exc)}"
+                problem = f"Celery refused it: {logs.describe(exc)}"
         _drop(message, problem, connection_errors)
         return None
 

@@ -122,15 +122,11 @@ def exception_text(exc: BaseException, limit: int = ERROR_TEXT_LIMIT) -> str:
     return storable_text(text, limit)
 
 
-def describe(exc: BaseException) -> str:
-    """``TypeName: text`` of an exception, for a log line (the logger escapes and bounds it)."""
-    return f"{type(exc).__name__}: {exception_text(exc)}"
-
-
 def error_document(exc: BaseException, attempt: int) -> dict[str, Any]:
     """A failed attempt's error as stored: ``type``, ``message`` (see :func:`exception_text`)
     and ``attempt``; plus ``"outcome": "unknown"`` when the step's code ran and may have had
-    its effect although its outcome could not be recorded (an unstorable result)."""
+    its effect although its outcome is not known (an unstorable result, a time limit overrun:
+    the exception's class says ``outcome_unknown = True``)."""
     doc: dict[str, Any] = {
         "type": type_name(exc),
         "message": exception_text(exc),

@@ -24,6 +24,8 @@ from typing import Any
 
 from opentelemetry import trace
 
+from saga.errors import exception_text
+
 _FIELDS = ("run_id", "workflow", "step", "kind", "attempt")
 MESSAGE_LIMIT = 2000
 """Characters of a log message kept (the rest is replaced by a note of how much was cut)."""
@@ -142,3 +144,12 @@ class JsonFormatter(logging.Formatter):
         line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
         # A lone surrogate becomes its JSON escape (\udXXX), which any JSON reader accepts.
         return line.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: text`` of an exception for a log line: its text as
+    :func:`saga.errors.exception_text` gives it (storable, at most ``limit`` characters, and
+    when its ``__str__`` raises, saying so instead)."""
+    text = exception_text(exc, limit)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

@@ -23,8 +23,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from saga import metrics
-from saga.errors import describe, type_name
+from saga import logs, metrics
+from saga.errors import type_name
 
 _tracer = trace.get_tracer("saga")
 
@@ -119,7 +119,7 @@ def record_exception(exc: BaseException) -> None:
     """Record ``exc`` on the current span (the attempt's)."""
     span = trace.get_current_span()
     if span.is_recording():
-        text = describe(exc)
+        text = logs.describe(exc, 500)
         try:
             span.record_exception(exc)
         except Exception:  # its __str__ raised: record what can be said about it

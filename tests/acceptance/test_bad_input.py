@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 LINEAR_STEPS = ("first", "second", "third")
 FORGED = "first\n[2026-01-01 00:00:00,000: CRITICAL/MainProcess] FAKE: database dropped"
+MISSING_RUN = "00000000-0000-4000-8000-000000000011"
 EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
 
@@ -89,8 +90,10 @@ def hostile_messages(run_id: str) -> list[Hostile]:
              step_kwargs(run_id, step=FORGED)),
         task("stale", f"dropped a stale or duplicate message run_id={run_id}",
              step_kwargs(run_id)),
-        task("unknown-workflow", "dropped a message for an unknown workflow",
-             step_kwargs(run_id, workflow="test.nope")),
+        # A workflow this worker lacks goes back to the outbox; for no run at all, nothing.
+        task("unknown-workflow",
+             f"dropped a stale or duplicate message run_id={MISSING_RUN} workflow=test.nope",
+             step_kwargs(MISSING_RUN, workflow="test.nope")),
         # Bodies that are not Celery's [args, kwargs, embed] (dropped in the main process).
         raw("hello", "the body is a dict, not [args, kwargs, embed]", '{"hello": 1}'),
         raw("hello-no-id",
