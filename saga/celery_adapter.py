@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
 import time
 import uuid
 import weakref
@@ -17,7 +18,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from saga import logs, telemetry
+from saga import codec, logs, telemetry
 from saga.app import Saga
 from saga.context import JSON
 from saga.errors import SagaError
@@ -71,7 +72,8 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
     caller = _TaskCaller(app)
 
     @app.task(  # type: ignore[untyped-decorator]
-        name=TASK_NAME, bind=True, acks_late=True, ignore_result=True
+        name=TASK_NAME, bind=True, acks_late=True, ignore_result=True,
+        Strategy=f"{__name__}:guarded_strategy",
     )
     def execute(self: Any, *args: Any, **kwargs: Any) -> str:
         if args:
@@ -130,6 +132,157 @@ def refused_pool(pool: str, consumed: set[str], queues: set[str]) -> str | None:
         f"the {pool!r} pool cannot enforce saga steps' time limits; run queues "
         f"{', '.join(serving)} on a prefork, threads or solo worker (-P prefork|threads|solo)"
     )
+
+
+# -- poison messages -----------------------------------------------------------------------------
+#
+# Celery's consumer hands every message whose ``task`` header names saga.execute to the task's
+# strategy, in the worker's main process. Celery's default strategy assumes a well-formed
+# protocol 2 message: a body that is not ``[args, kwargs, embed]``, a missing ``id`` header or
+# a ``timelimit`` that is not a pair of numbers raises out of the consumer, and the worker's
+# main process exits (and on Redis the message comes back and kills the next worker too).
+# saga's step messages have one known shape, so the strategy below checks it first and drops
+# anything else with one log line, rejected without requeue: a RabbitMQ queue with a
+# dead-letter exchange gets the message there; Redis discards it.
+
+MAX_MESSAGE_BYTES = 64 * 1024
+"""The largest saga.execute body accepted (step messages carry ids and names: a few hundred
+bytes)."""
+MESSAGE_DEPTH = 4
+"""How deeply a saga.execute body may nest (``[args, {"run_id": ...}, embed]`` is 2)."""
+HEADER_TEXT_LIMIT = 4096
+"""The longest string a saga.execute message header may hold."""
+_TEXT_HEADERS = (
+    "lang", "root_id", "parent_id", "group", "shadow", "origin", "argsrepr", "kwargsrepr",
+    "eta", "expires", "meth",
+)
+_EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+
+def _is_limit(value: object) -> bool:
+    """A time limit Celery's pool can use: a finite number >= 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _header_problem(headers: Mapping[Any, Any]) -> str | None:
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= 200:
+        return "the id header is missing or not a string of 1-200 characters"
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            return f"a header name is a {type(name).__name__}, not a string"
+        if isinstance(value, str):
+            if len(value) > HEADER_TEXT_LIMIT or logs.clean(value, HEADER_TEXT_LIMIT) != value:
+                return f"header {name!r} is too long or holds control characters"
+        elif name in _TEXT_HEADERS and value is not None:
+            return f"header {name!r} is a {type(value).__name__}, not a string"
+    timelimit = headers.get("timelimit")
+    if timelimit is not None and not (
+        isinstance(timelimit, list | tuple)
+        and len(timelimit) == 2
+        and all(v is None or _is_limit(v) for v in timelimit)
+    ):
+        return "header 'timelimit' is not a pair of numbers"
+    retries = headers.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        return "header 'retries' is not an integer"
+    return None
+
+
+def _body_problem(payload: Any) -> str | None:
+    if not isinstance(payload, list | tuple) or len(payload) != 3:
+        what = type(payload).__name__
+        if isinstance(payload, list | tuple):
+            what += f" of {len(payload)} items"
+        return f"the body is a {what}, not [args, kwargs, embed]"
+    # Step messages are flat: deep nesting could only exhaust the stack where Celery pickles
+    # the request for the pool.
+    found = codec.problem(payload, "body", max_depth=MESSAGE_DEPTH)
+    if found:
+        return f"{found[1]} at {found[0]}"
+    args, kwargs, embed = payload
+    if not isinstance(args, list | tuple):
+        return f"args is a {type(args).__name__}, not a list"
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        return "kwargs is not an object with string keys"
+    if embed is not None and not isinstance(embed, dict):
+        return f"embed is a {type(embed).__name__}, not an object"
+    if embed and any(embed.get(k) for k in _EMBED_KEYS):
+        return "a step message carries no callbacks, errbacks, chain or chord"
+    return None
+
+
+def message_problem(message: Any, body: Any) -> str | None:
+    """What makes a message for ``saga.execute`` unacceptable, or ``None`` when it has the
+    shape of a saga step message: protocol 2, JSON, at most :data:`MAX_MESSAGE_BYTES`,
+    well-typed headers, a body ``[args, kwargs, embed]`` without callbacks. (What the kwargs
+    say is checked later, in the pool, by :meth:`saga.messages.StepMessage.parse`.)"""
+    if body is not None:
+        return "a protocol 1 message (saga sends protocol 2 only)"
+    headers = message.headers
+    if not isinstance(headers, Mapping):
+        return "the headers are not an object"
+    problem = _header_problem(headers)
+    if problem:
+        return problem
+    raw = message.body
+    size = len(raw) if isinstance(raw, bytes | str) else 0
+    if size > MAX_MESSAGE_BYTES:
+        return f"the body is {size} bytes, over the limit of {MAX_MESSAGE_BYTES}"
+    if message.content_type != "application/json":
+        return f"content type {message.content_type!r} is not accepted (JSON only)"
+    try:
+        payload = message.decode()
+    except Exception as exc:
+        return f"the body does not decode: {logs.describe(exc)}"
+    return _body_problem(payload)
+
+
+def _drop(message: Any, problem: str, connection_errors: tuple[type[BaseException], ...]) -> None:
+    headers = message.headers if isinstance(message.headers, Mapping) else {}
+    raw = message.body
+    logs.event(
+        log,
+        logging.WARNING,
+        f"dropped a malformed {TASK_NAME} message: {problem}",
+        task_id=headers.get("id"),
+        content_type=message.content_type,
+        size=len(raw) if isinstance(raw, bytes | str) else None,
+    )
+    if message.acknowledged:
+        return
+    try:
+        message.reject(requeue=False)  # to the dead-letter exchange, where there is one
+    except connection_errors as exc:
+        logs.event(log, logging.WARNING, f"could not reject the message: {logs.describe(exc)}")
+
+
+def guarded_strategy(task: Any, app: Celery, consumer: Any, **options: Any) -> Any:
+    """The task strategy of ``saga.execute`` (named by its ``Strategy`` attribute, Celery's
+    hook for it): Celery's default strategy behind :func:`message_problem`, so that no message
+    on a saga queue can stop the worker's main process. A message with a problem, or one the
+    default strategy raises on, is logged in one line and rejected without requeue."""
+    from celery.worker.strategy import default
+
+    handle = default(task, app, consumer, **options)
+    connection_errors = tuple(consumer.connection_errors)
+
+    def on_message(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        problem = message_problem(message, body)
+        if problem is None:
+            try:
+                return handle(message, body, *args, **kwargs)
+            except Exception as exc:  # InvalidTaskError (bad eta...) or anything unforeseen
+                problem = f"Celery refused it: {logs.describe(exc)}"
+        _drop(message, problem, connection_errors)
+        return None
+
+    return on_message
 
 
 def engine_of(app: Celery) -> Saga:

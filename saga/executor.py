@@ -20,18 +20,18 @@ from typing import Any
 
 from saga import logs, telemetry
 from saga.app import Saga
-from saga.codec import encode
+from saga.codec import encode_result
 from saga.context import StepContext
 from saga.core import graph
 from saga.core.attempts import AttemptRef
 from saga.core.states import STOPPING
 from saga.definition import Workflow
 from saga.dispatch import Dispatcher
-from saga.errors import SagaError, UnknownWorkflowError
+from saga.errors import SagaError, UnknownWorkflowError, error_document
 from saga.heartbeat import Heartbeat, Lease
 from saga.messages import MalformedMessageError, Publisher, StepMessage
 from saga.steps import TaskCaller
-from saga.timeouts import StepTimeoutError, Watchdog, time_limit
+from saga.timeouts import Watchdog, time_limit
 from saga.transitions import Claim, Completion
 
 log = logging.getLogger("saga.worker")
@@ -53,17 +53,8 @@ class Delivery:
 
 
 def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
-    """A failed attempt's error as stored: type, message and attempt; ``outcome: unknown``
-    when the step's code may have had its effect without the engine knowing (it ran past its
-    time limit)."""
-    doc: dict[str, Any] = {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc)[:2000],
-        "attempt": attempt,
-    }
-    if isinstance(exc, StepTimeoutError):
-        doc["outcome"] = "unknown"
-    return doc
+    """A failed attempt's error as stored (see :func:`saga.errors.error_document`)."""
+    return error_document(exc, attempt)
 
 
 class Executor:
@@ -219,12 +210,7 @@ class Executor:
             limit = wf.time_limit_for(ref.step)
             with time_limit(limit, f"{ref.kind} {ref.step!r}", self._watchdog):
                 result = runner.run(ctx, delivery.tasks)
-            result_json = encode(
-                result,
-                workflow=wf.name,
-                field=f"result of step {ref.step!r}",
-                limit=self.saga.settings.max_result_bytes,
-            )
+            result_json = encode_result(result, limit=self.saga.settings.max_result_bytes)
         except Exception as exc:
             policy = wf.retry_for(ref.step, ref.kind)
             retryable = not isinstance(exc, SagaError) and policy.is_retryable(exc)

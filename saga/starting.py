@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from saga.codec import dumps, encode
+from saga.codec import check_storable, dumps, encode
 from saga.definition import Workflow
+from saga.errors import InputError
 from saga.settings import Settings
 from saga.store.base import Tables
 
@@ -80,12 +81,16 @@ class Starter:
         """Start ``workflow`` with ``input`` in the transaction of ``target`` (the caller's
         Session or Connection); nothing is committed here, so a rollback leaves nothing.
         With ``published`` the first steps' messages are written as published: the caller
-        publishes them after its commit (see :mod:`saga.dispatch`)."""
+        publishes them after its commit (see :mod:`saga.dispatch`). Input and key are checked
+        before anything is sent to the database: one that cannot be stored raises
+        :class:`~saga.errors.InputError` and leaves the caller's transaction as it was."""
         input_json = encode(
             input, workflow=workflow.name, field="input", limit=self._settings.max_input_bytes
         )
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-            raise ValueError(f"workflow {workflow.name!r}: key must be a string of 1-200 chars")
+        if key is not None:
+            if not isinstance(key, str) or not key or len(key) > 200:
+                raise InputError(workflow.name, "key", "must be a string of 1-200 characters")
+            check_storable(key, workflow=workflow.name, field="key")
         after = workflow.after_map
         conn = target.connection() if isinstance(target, Session) else target
         params = {
