@@ -57,24 +57,21 @@ class Timed:
             self.calls += 1
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a linear script
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=20000)
-    ap.add_argument("--batch", type=int, default=200)
-    ap.add_argument("--port", type=int, default=6396)
-    ap.add_argument("--profile", action="store_true")
-    args = ap.parse_args(argv)
-
+def measure(  # noqa: PLR0915 - a linear script
+    rows: int, batch: int, port: int, profile: bool = False
+) -> dict[str, Any]:
+    """Publish ``rows`` outbox rows with the relay to a private Redis on ``port``; the
+    figures (and the cProfile listing with ``profile``)."""
     import redis
     from celery import Celery
 
     redis_proc = subprocess.Popen(
-        ["redis-server", "--port", str(args.port), "--bind", "127.0.0.1", "--save", "",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
     try:
-        client = redis.Redis(port=args.port)
+        client = redis.Redis(port=port)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -91,20 +88,20 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a linear scri
         from saga.relay import Relay
 
         engine = saga.Saga(apps.registry, database_url=URL)
-        left = args.rows
+        left = rows
         while left:
             with engine.engine.begin() as conn:
                 for _ in range(min(1000, left)):
                     engine.start(conn, apps.linear, {})
                     left -= 1
-        app = Celery("relay-bench", broker=f"redis://127.0.0.1:{args.port}/0")
+        app = Celery("relay-bench", broker=f"redis://127.0.0.1:{port}/0")
         publisher = Timed(CeleryPublisher(app))
-        relay = Relay(engine, publisher, batch_size=args.batch)
+        relay = Relay(engine, publisher, batch_size=batch)
         warm = relay.publish_batch()  # connect outside the measurement
         publisher.seconds = 0.0
-        profile = cProfile.Profile()
-        if args.profile:
-            profile.enable()
+        profiler = cProfile.Profile()
+        if profile:
+            profiler.enable()
         t0 = time.perf_counter()
         published, batches = 0, 0
         while True:
@@ -114,26 +111,46 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a linear scri
             published += n
             batches += 1
         elapsed = time.perf_counter() - t0
-        if args.profile:
-            profile.disable()
+        if profile:
+            profiler.disable()
         queued = client.llen("saga")
-        database = elapsed - publisher.seconds
-        print(f"{published} rows published in {batches} batches of up to {args.batch}: "
-              f"{published / elapsed:,.0f} rows/s (broker queue length {queued}, "
-              f"with the {warm} of the warm-up batch)")
-        print(f"  publishing (Celery + Redis): {publisher.seconds:.2f} s "
-              f"({publisher.seconds / published * 1e6:.0f} us per row)")
-        print(f"  taking and marking batches (PostgreSQL): {database:.2f} s "
-              f"({database / batches * 1000:.1f} ms per batch)")
-        if args.profile:
-            out = io.StringIO()
-            pstats.Stats(profile, stream=out).sort_stats("cumulative").print_stats(30)
-            print(out.getvalue())
         engine.engine.dispose()
-        return 0 if queued == published + warm else 1
+        database = elapsed - publisher.seconds
+        out: dict[str, Any] = {
+            "rows": published,
+            "batches": batches,
+            "rows_per_s": round(published / elapsed),
+            "publish_us_per_row": round(publisher.seconds / published * 1e6),
+            "db_ms_per_batch": round(database / batches * 1000, 1),
+            "broker_queue": queued,
+            "all_there_once": queued == published + warm,
+        }
+        if profile:
+            listing = io.StringIO()
+            pstats.Stats(profiler, stream=listing).sort_stats("cumulative").print_stats(30)
+            out["profile"] = listing.getvalue()
+        return out
     finally:
         redis_proc.terminate()
         redis_proc.wait(10)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=20000)
+    ap.add_argument("--batch", type=int, default=200)
+    ap.add_argument("--port", type=int, default=6396)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args(argv)
+    out = measure(args.rows, args.batch, args.port, args.profile)
+    print(f"{out['rows']} rows published in {out['batches']} batches of up to {args.batch}: "
+          f"{out['rows_per_s']:,} rows/s (every row on the broker once: "
+          f"{out['all_there_once']})")
+    print(f"  publishing (Celery + Redis): {out['publish_us_per_row']} us per row")
+    print(f"  taking and marking a batch (PostgreSQL): {out['db_ms_per_batch']} ms")
+    if args.profile:
+        print(out["profile"])
+    return 0 if out["all_there_once"] else 1
 
 
 if __name__ == "__main__":
