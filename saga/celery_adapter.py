@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 
 from saga import codec, logs, telemetry
 from saga.app import Saga
@@ -67,6 +67,7 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         raise ValueError("saga accepts JSON messages only")
     app.conf.update(merged)
     _ENGINES[app] = saga
+    app.steps["consumer"].add(GuardedConsumer)
     saga.use_publisher(lambda: CeleryPublisher(app))
     executor = Executor(saga, queues=lambda: consumed_queues(app))
     caller = _TaskCaller(app)
@@ -243,13 +244,18 @@ def message_problem(message: Any, body: Any) -> str | None:
     return _body_problem(payload)
 
 
-def _drop(message: Any, problem: str, connection_errors: tuple[type[BaseException], ...]) -> None:
+def _drop(
+    message: Any,
+    problem: str,
+    connection_errors: tuple[type[BaseException], ...],
+    what: str = f"a malformed {TASK_NAME} message",
+) -> None:
     headers = message.headers if isinstance(message.headers, Mapping) else {}
     raw = message.body
     logs.event(
         log,
         logging.WARNING,
-        f"dropped a malformed {TASK_NAME} message: {problem}",
+        f"dropped {what}: {problem}",
         task_id=headers.get("id"),
         content_type=message.content_type,
         size=len(raw) if isinstance(raw, bytes | str) else None,
@@ -283,6 +289,40 @@ def guarded_strategy(task: Any, app: Celery, consumer: Any, **options: Any) -> A
         return None
 
     return on_message
+
+
+class GuardedConsumer(bootsteps.StartStopStep):  # type: ignore[misc]
+    """A consumer bootstep (Celery's extension point for the worker's consumer) that guards
+    Celery's own task handler: a message Celery cannot even route to a task (a ``task`` header
+    that is a list or an object, an unregistered task without an ``id``) makes that handler
+    raise, which would stop the worker's main process. The message is logged in one line and
+    rejected without requeue instead; every other message is handled as Celery handles it."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        """Wrap the consumer's task handler factory (once: the consumer restarts its steps
+        when the broker connection comes back)."""
+        if getattr(c, "_saga_guarded", False):
+            return
+        create = c.create_task_handler
+        errors = tuple(c.connection_errors)
+
+        def create_guarded(*args: Any, **kwargs: Any) -> Any:
+            handle = create(*args, **kwargs)
+
+            def on_task_received(message: Any) -> Any:
+                try:
+                    return handle(message)
+                except Exception as exc:
+                    problem = f"Celery could not handle it: {logs.describe(exc)}"
+                    _drop(message, problem, errors, what="a message")
+                    return None
+
+            return on_task_received
+
+        c.create_task_handler = create_guarded
+        c._saga_guarded = True
 
 
 def engine_of(app: Celery) -> Saga:
