@@ -16,7 +16,7 @@ from saga.core.attempts import AttemptRef
 from saga.core.decide import decide_stop, retry_plan
 from saga.core.states import LIVE_RUN_STATES, STOPPING
 from saga.definition import Workflow
-from saga.errors import InvalidTransitionError, UnknownRunError
+from saga.errors import InvalidTransitionError, UnknownRunError, storable_text
 from saga.registry import Registry
 from saga.store.base import Row, Tables
 from saga.store.history import HistoryStore
@@ -160,7 +160,8 @@ class Lifecycle:
             raise InvalidTransitionError(
                 f"run {run_id} is {run['state']}: only a running run can be cancelled"
             )
-        error = {"type": "cancelled", "message": reason or "cancelled by an operator"}
+        message = storable_text(reason) if reason else "cancelled by an operator"
+        error = {"type": "cancelled", "message": message}
         return self.stop_in_tx(conn, run, "cancelling", "run_cancelling", error)
 
     def retry_in_tx(self, conn: Connection, run_id: str, from_step: str | None = None) -> str:
@@ -234,7 +235,8 @@ class Lifecycle:
             raise InvalidTransitionError(
                 f"run {run_id} is {run['state']}: only compensation_failed runs can be resolved"
             )
-        self.history.append(conn, run_id, "operator_resolved", detail={"reason": reason})
+        detail = {"reason": storable_text(reason)}
+        self.history.append(conn, run_id, "operator_resolved", detail=detail)
         return "resolved"
 
     # -- helpers -------------------------------------------------------------------------------

@@ -469,3 +469,9 @@ def test_a_compensation_whose_message_came_while_the_run_waited_for_an_operator_
     broker.drain()
     assert state(lc, run_id) == "compensated"
     assert SCRIPT.ran[("compensation", "b")] == 1
+
+
+def test_an_operators_reason_with_a_nul_byte_is_stored_without_it(lc: Saga) -> None:
+    run_id = lc.start_now("lc.undoable", {}).run_id
+    assert lc.cancel(run_id, reason="customer\x00 asked") == "cancelled"
+    assert lc.get_run(run_id)["error"]["message"] == "customer asked"
