@@ -27,6 +27,12 @@ stopped before it ran."""
 
 STEP_KINDS = ("step", "compensation")
 
+RUN_FINISHED = ("completed", "compensated", "failed", "cancelled", "resolved")
+"""Finished run states: counted in ``run_counts`` and prunable by retention. A
+``compensation_failed`` run is not finished: it waits for an operator."""
+
+PROCESS_KINDS = ("worker", "relay")
+
 HISTORY_EVENTS = (
     "run_started",
     "step_ready",
