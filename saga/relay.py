@@ -146,6 +146,7 @@ class Relay:
         logs.event(log, logging.INFO, "relay stopped")
 
     def _backoff(self, seconds: float) -> None:
+        self.housekeeping.presence.beat()  # backing off is being alive: the outbox warns
         self.stopping.wait(seconds)
 
     def stop(self) -> None:

@@ -76,7 +76,7 @@ def warnings(
     workers = [p for p in live if p["kind"] == "worker"]
     if not any(p["kind"] == "relay" for p in live):
         last = min((p["seen_seconds_ago"] for p in processes if p["kind"] == "relay"), default=None)
-        seen = "never registered" if last is None else f"last seen {last:.0f}s ago"
+        seen = "none registered" if last is None else f"last seen {last:.0f}s ago"
         out.append(_warn(
             StatusWarning.NO_RELAY,
             f"no relay seen in the last {limits.stale_after:g}s ({seen}): nothing publishes "
