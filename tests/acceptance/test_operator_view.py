@@ -127,7 +127,7 @@ def test_runs_waiting_for_a_definition_no_live_worker_has_are_a_warning(
     system.start_worker()
     system.start_runs("test.unknown_to_workers", {})
 
-    code, doc = wait_until(
+    _, doc = wait_until(
         lambda: (r := check(system))[0] == 12 and r, timeout=30, interval=0.5,
         message="no definition warning",
     )
