@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import json
 import secrets
 import uuid
 from collections.abc import Callable
@@ -74,6 +75,7 @@ class Dashboard:
         )
         self.env.filters.update(
             time=fmt_time, duration=fmt_duration, json=to_json,
+            compact=lambda v: json.dumps(v, default=str, ensure_ascii=False),
             traceback=tracebacks.render,
         )
 
