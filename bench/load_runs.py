@@ -189,6 +189,16 @@ def time_queries(url: str, schema: str, run_ref: str, repeat: int) -> dict[str, 
         ),
         "find run by key": lambda c: queries.find_run(c, tables, run_ref),
         "runs gauge (counters + index)": lambda c: counts.runs_by_state(c, tables),
+        "  its finished part (run_counts)": lambda c: c.execute(
+            tables.sql(counts._FINISHED)
+        ).all(),
+        "  its unfinished part (index)": lambda c: c.execute(
+            tables.sql(counts._UNFINISHED), {"states": list(counts.UNFINISHED)}
+        ).all(),
+        "active runs (the unfinished states)": lambda c: c.exec_driver_sql(
+            f"SELECT count(*) FROM \"{schema}\".runs WHERE state IN "
+            "('running', 'compensating', 'cancelling', 'compensation_failed')"
+        ).scalar(),
         "plain GROUP BY": lambda c: c.exec_driver_sql(
             f'SELECT workflow, state, count(*) FROM "{schema}".runs GROUP BY 1, 2'
         ).all(),

@@ -1,10 +1,10 @@
 """The hot path's throughput while ``saga prune`` deletes a million finished runs.
 
-    .venv/bin/python bench/prune_under_load.py [--runs 1070000 --round 1000 --private-redis 6392]
+    .venv/bin/python bench/prune_under_load.py [--runs 1112000 --round 1000 --private-redis 6392]
 
 1. recreates the scratch database ``saga_bench`` (as ``bench/throughput.py`` does) and loads
    ``--runs`` old runs into it with ``bench/load_runs.py``'s loader (a spread of states over
-   60 days, with steps, history and an outbox backlog; about 93.5% of them finished, so the
+   60 days, with steps, history and an outbox backlog; 90% of them finished, so the
    default gives about 1,000,000 finished runs); the loaded backlog's outbox rows and leases
    are cleared so that the relay and the sweeper do not work on them;
 2. starts the relay and one worker (``-c 2``) like ``bench/throughput.py``;
@@ -80,7 +80,7 @@ def one_round(side: throughput.SagaSide, size: int) -> float:
 def main() -> int:  # noqa: PLR0915 - a linear script
     """Parse arguments, load, measure, print."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=1_070_000, help="runs to load (old)")
+    ap.add_argument("--runs", type=int, default=1_112_000, help="runs to load (old)")
     ap.add_argument("--round", type=int, default=1000, help="linear runs per round")
     ap.add_argument("--before", type=int, default=3)
     ap.add_argument("--after", type=int, default=3)

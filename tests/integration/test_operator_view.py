@@ -290,3 +290,13 @@ def test_the_dashboard_serves_the_runs_gauge_on_metrics(saga_engine: Saga) -> No
         r'saga_runs(_ratio)?\{[^}]*saga_state="running"[^}]*saga_workflow="it.linear"[^}]*\} 1',
         body,
     ), body[:2000]
+
+
+def test_a_narrow_terminal_still_gets_whole_run_ids(saga_engine: Saga, db_url: str) -> None:
+    run_id = saga_engine.start_now("it.linear", {}, key="k").run_id
+    result = CliRunner().invoke(
+        cli, ["--rich", "--database-url", db_url, "list"], env={"COLUMNS": "80"},
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    assert run_id in result.stdout
