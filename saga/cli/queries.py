@@ -23,15 +23,7 @@ LIST_COLUMNS = (
 
 # Distinct workflows by a loose index scan of ix_runs_workflow_state: one index probe per
 # workflow instead of reading every row.
-_WORKFLOWS = """
-WITH RECURSIVE w(name) AS (
-    (SELECT workflow FROM {runs} ORDER BY workflow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT workflow FROM {runs} WHERE workflow > w.name ORDER BY workflow LIMIT 1)
-    FROM w WHERE w.name IS NOT NULL
-)
-SELECT name FROM w WHERE name IS NOT NULL
-"""
+_WORKFLOWS = run_counts.WORKFLOWS_CTE + "SELECT name FROM w WHERE name IS NOT NULL"
 _BACKLOG = """
 SELECT count(*) AS unpublished,
        count(*) FILTER (WHERE available_at <= now()) AS due,

@@ -6,17 +6,10 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from saga.cli.graph import depths
+from saga.cli.graph import DOT_COLOURS, depths
 
 BOX_W, BOX_H, GAP_X, GAP_Y, PAD = 170, 44, 60, 18, 12
-FILL = {
-    "completed": "#c8e6c9",
-    "failed": "#ffcdd2",
-    "running": "#bbdefb",
-    "ready": "#e1f5fe",
-    "waiting": "#eeeeee",
-    "skipped": "#f5f5f5",
-}
+FILL = DOT_COLOURS
 STROKE = {
     "completed": "#2e7d32",
     "failed": "#c62828",

@@ -22,13 +22,17 @@ SELECT workflow, state, sum(n)::bigint AS n FROM (
 """
 # One index-only probe of ix_runs_workflow_state per workflow for the unfinished states, the
 # workflows found by a loose index scan (one probe per workflow, not a read of every row).
-_UNFINISHED = """
+WORKFLOWS_CTE = """
 WITH RECURSIVE w(name) AS (
     (SELECT workflow FROM {runs} ORDER BY workflow LIMIT 1)
     UNION ALL
     SELECT (SELECT workflow FROM {runs} WHERE workflow > w.name ORDER BY workflow LIMIT 1)
     FROM w WHERE w.name IS NOT NULL
 )
+"""
+"""The names of the workflows that have runs, as ``w(name)``, by a loose index scan of
+``ix_runs_workflow_state`` (one probe per workflow); the last row's name is NULL."""
+_UNFINISHED = WORKFLOWS_CTE + """
 SELECT w.name AS workflow, s.state,
        (SELECT count(*) FROM {runs} r WHERE r.workflow = w.name AND r.state = s.state) AS n
 FROM w CROSS JOIN unnest(CAST(:states AS text[])) AS s(state)
