@@ -40,10 +40,18 @@ from bench import load_runs, throughput  # noqa: E402
 UNFINISHED = "('running', 'compensating', 'cancelling', 'compensation_failed')"
 
 
-def prepare(n: int) -> int:
+def use_database(name: str) -> str:
+    """Point ``bench/throughput.py``'s helpers (and the processes) at database ``name``
+    (not ``saga_bench``, which ``bench/throughput.py`` itself uses); its libpq URL."""
+    throughput.DB_NAME = name
+    throughput.DATABASE_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    os.environ["SAGA_DATABASE_URL"] = throughput.DATABASE_URL
+    return f"postgresql://postgres@127.0.0.1:5432/{name}"
+
+
+def prepare(n: int, url: str) -> int:
     """Recreate and fill the database; how many unfinished runs were loaded."""
-    throughput.recreate_database()
-    url = f"postgresql://postgres@127.0.0.1:5432/{throughput.DB_NAME}"
+    throughput.recreate_database(throughput.DB_NAME, throughput.DATABASE_URL)
     load_runs.load(url, n, "saga")
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM saga.outbox")
@@ -86,6 +94,7 @@ def main() -> int:  # noqa: PLR0915 - a linear script
     ap.add_argument("--after", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=500, help="saga prune --batch-size")
     ap.add_argument("--private-redis", type=int, metavar="PORT")
+    ap.add_argument("--database", default="saga_bench_prune", help="scratch database")
     args = ap.parse_args()
 
     logdir = Path(tempfile.mkdtemp(prefix="saga-prune-bench-"))
@@ -98,8 +107,8 @@ def main() -> int:  # noqa: PLR0915 - a linear script
         throughput.wait_until(lambda: throughput._pings(client), 10, "redis", procs)
     os.environ["BENCH_REDIS_URL"] = throughput.REDIS_URL
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    unfinished = prepare(args.runs)
-    url = f"postgresql://postgres@127.0.0.1:5432/{throughput.DB_NAME}"
+    url = use_database(args.database)
+    unfinished = prepare(args.runs, url)
     before_rows = counts(url)
     print(f"loaded: {before_rows}", flush=True)
     redis.Redis.from_url(throughput.REDIS_URL).flushdb()

@@ -194,12 +194,19 @@ SELECT queue, count(*) AS messages,
 FROM {outbox} WHERE available_at <= now()
 GROUP BY queue ORDER BY queue
 """
+# The runs of the oldest :cap waiting attempts (stuck ones are the oldest), one primary-key
+# probe each (OFFSET 0 keeps the planner from turning the probes into a scan of every run).
 _WAITING_BY_DEFINITION = """
-SELECT r.workflow, r.version, r.definition_hash, count(DISTINCT r.id) AS runs
-FROM {outbox} o JOIN {runs} r ON r.id = o.run_id
-WHERE o.available_at <= now()
+SELECT r.workflow, r.version, r.definition_hash, count(*) AS runs
+FROM (SELECT DISTINCT run_id FROM (
+          SELECT run_id FROM {outbox} WHERE available_at <= now()
+          ORDER BY available_at LIMIT :cap) oldest) o
+CROSS JOIN LATERAL (
+    SELECT workflow, version, definition_hash FROM {runs} WHERE id = o.run_id OFFSET 0) r
 GROUP BY r.workflow, r.version, r.definition_hash ORDER BY r.workflow, r.version
 """
+WAITING_SAMPLE = 1000
+"""How many of the oldest waiting attempts :func:`waiting_by_definition` looks at."""
 
 
 def waiting_by_queue(conn: Connection, tables: Tables) -> list[Row]:
@@ -210,5 +217,7 @@ def waiting_by_queue(conn: Connection, tables: Tables) -> list[Row]:
 
 def waiting_by_definition(conn: Connection, tables: Tables) -> list[Row]:
     """The workflow definitions (name, version, hash) of runs with attempts waiting for a
-    worker, and how many runs each."""
-    return [dict(r) for r in conn.execute(tables.sql(_WAITING_BY_DEFINITION)).mappings()]
+    worker, and how many runs each, among those of the :data:`WAITING_SAMPLE` oldest
+    waiting attempts."""
+    rows = conn.execute(tables.sql(_WAITING_BY_DEFINITION), {"cap": WAITING_SAMPLE})
+    return [dict(r) for r in rows.mappings()]
