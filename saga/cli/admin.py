@@ -47,6 +47,10 @@ def start_metrics(port: int, host: str) -> None:
     help="Only runs in this state (repeatable; default every finished state).",
 )
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option(
+    "--pause", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+    help="Sleep this long between batches (leaves the hot path room on a busy machine).",
+)
 @click.option("--dry-run", is_flag=True, help="Count what would go; delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @json_option
@@ -57,6 +61,7 @@ def prune(
     older: str,
     states: tuple[str, ...],
     batch_size: int,
+    pause: float,
     dry_run: bool,
     yes: bool,
     as_json: bool,
@@ -78,7 +83,7 @@ def prune(
     total = sum(counts.values())
     if not dry_run and total:
         confirm(f"Delete {total} finished run(s) older than {older}?", yes)
-        counts = retention.run()
+        counts = retention.run(pause=pause)
         total = sum(counts.values())
     if as_json:
         out.json({"dry_run": dry_run, "finished_before": older, "runs": total, "by_state": counts})

@@ -324,3 +324,25 @@ def test_the_relays_housekeeping_registers_it_folds_counts_and_applies_retention
     assert count(saga_engine, "SELECT coalesce(sum(n), 0) FROM saga.run_counts") == 0
     chores.stop()
     assert count(saga_engine, "SELECT count(*) FROM saga.processes") == 0
+
+
+def test_a_process_registers_beats_and_leaves_and_stale_rows_are_pruned(
+    saga_engine: Saga,
+) -> None:
+    from saga.presence import Presence
+
+    sql(saga_engine, "INSERT INTO saga.processes (id, kind, name, host, pid, version,"
+        " last_seen_at) VALUES (gen_random_uuid(), 'worker', 'ghost', 'h', 1, 'x',"
+        " now() - interval '2 days')")
+    me = Presence(saga_engine, "worker", name="w1", queues=["b", "a"], interval=60)
+    assert me.register()
+    rows = sql(saga_engine, "SELECT name, queues, definitions FROM saga.processes").all()
+    assert [r[0] for r in rows] == ["w1"]  # the ghost not seen for two days is gone
+    assert rows[0][1] == ["a", "b"]
+    assert {d["name"] for d in rows[0][2]} == {"it.linear", "it.diamond", "it.fan50"}
+    assert not me.beat()  # within its interval: nothing written
+    sql(saga_engine, "DELETE FROM saga.processes")
+    assert me.beat(force=True)  # its row was gone: registered again
+    assert count(saga_engine, "SELECT count(*) FROM saga.processes WHERE name = 'w1'") == 1
+    me.remove()
+    assert count(saga_engine, "SELECT count(*) FROM saga.processes") == 0
