@@ -144,8 +144,14 @@ def test_an_action_without_the_operator_token_is_refused(
     form.find_element(By.NAME, "reason").send_keys("customer asked")
     form.find_element(By.NAME, "token").send_keys(TOKEN)
     form.find_element(By.TAG_NAME, "button").click()
-    assert "cancel: the run is now" in browser.find_element(By.ID, "done").text
+    shown = wait_until(lambda: text_of(browser, "done") or text_of(browser, "message"),
+                       timeout=20, interval=0.2, message="no answer to the action")
+    assert "cancel: the run is now" in shown
     assert system.states([run_id])[run_id] in ("cancelling", "cancelled")
+
+    # The dashboard's /metrics (a process of its own: its own meter provider).
+    metrics = httpx.get(dashboard + "/metrics", timeout=10).text
+    assert 'saga_state="cancell' in metrics and "saga_runs" in metrics
 
 
 def test_a_script_in_a_step_name_an_input_or_a_key_is_shown_as_text(

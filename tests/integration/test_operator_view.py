@@ -283,15 +283,6 @@ def test_pages_escape_what_users_control_and_the_api_serves_the_cli_documents(
     assert c.get("/runs/nope").status_code == 404
 
 
-def test_the_dashboard_serves_the_runs_gauge_on_metrics(saga_engine: Saga) -> None:
-    saga_engine.start_now("it.linear", {})
-    body = client(saga_engine).get("/metrics").text
-    assert re.search(
-        r'saga_runs(_ratio)?\{[^}]*saga_state="running"[^}]*saga_workflow="it.linear"[^}]*\} 1',
-        body,
-    ), body[:2000]
-
-
 def test_a_narrow_terminal_still_gets_whole_run_ids(saga_engine: Saga, db_url: str) -> None:
     run_id = saga_engine.start_now("it.linear", {}, key="k").run_id
     result = CliRunner().invoke(
