@@ -215,7 +215,7 @@ class SagaSide:
         self.poll = psycopg.connect(PG_DSN + f" dbname={DB_NAME}")
 
     def _count_done(self, ids: list[str]) -> tuple[int, int]:
-        # finished_at is written by a second statement just after the state (transitions.py).
+        # The completing statement writes the state, the result and finished_at together.
         row = self.poll.execute(
             "SELECT count(*) FILTER (WHERE state = 'completed' AND finished_at IS NOT NULL), "
             "       count(*) FILTER (WHERE state NOT IN ('running', 'completed')) "

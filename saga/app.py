@@ -4,16 +4,17 @@ process (or per test) and hand it to the worker and the relay."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+import psycopg
 from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from saga import telemetry
+from saga import faults, telemetry
 from saga.definition import Workflow
 from saga.errors import SagaError
 from saga.lifecycle import Lifecycle
@@ -66,11 +67,12 @@ class Saga:
             url = normalize_url(database_url) if database_url else database_url_from_env()
             engine = create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
         self.engine = engine
+        # Shares the engine's pool; every connection it hands out is in autocommit.
+        self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
         self.tables = Tables(self.settings.schema)
         self.transitions = Transitions(self.tables)
         self.lifecycle = Lifecycle(self.tables, registry)
         self._starter = Starter(self.tables, self.settings)
-        self._hot = threading.local()
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -144,31 +146,38 @@ class Saga:
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    def on_hot_path(self, statement: Callable[[Connection], T]) -> T:
-        """Run one guarded hot-path statement on this thread's own autocommit connection.
+    def on_hot_path(self, name: str, statement: Callable[[Connection], T]) -> T:
+        """Run one guarded hot-path statement (``name``: ``claim`` or ``complete``) on an
+        autocommit connection of the engine's pool, held only for the statement.
 
-        The connection is kept between steps, so a step pays no pool checkout or pre-ping. If it
-        turns out to be dead, the statement runs once more on a fresh one: claims and
-        completions are guarded, so a retry of one that did commit is reported as a duplicate
-        and changes nothing."""
+        Holding nothing while a step's code runs keeps the pool free for that code and for the
+        slow path. If the connection turns out to be dead, the statement runs once more on a
+        fresh one: claims and completions are guarded and replayable, so a retry of one that
+        did commit finds what it did."""
         for attempt in (1, 2):
-            conn: Connection | None = getattr(self._hot, "conn", None)
-            if conn is None or conn.closed or conn.invalidated:
-                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-                self._hot.conn = conn
             try:
-                return statement(conn)
+                with self._autocommit_engine.connect() as conn:
+                    result = statement(conn)
+                    if attempt == 1 and faults.armed("hot_path.reply_lost", name):
+                        faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
+                        result = statement(conn)  # fails: the reply is lost
+                    return result
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
-                conn.close()
-                self._hot.conn = None
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def connect_raw(self, timeout: float = 5.0) -> psycopg.Connection[Any]:
+        """A psycopg connection of its own, outside the engine's pool, in autocommit: for a
+        process's long-lived helpers (the relay's LISTEN, a worker's heartbeat), which must
+        never wait for the pool."""
+        url = make_url(self.engine.url).set(drivername="postgresql")
+        conninfo = url.render_as_string(hide_password=False)
+        return psycopg.connect(conninfo, autocommit=True, connect_timeout=int(timeout))
+
     def forget_connections(self) -> None:
-        """After a fork: drop the parent's pooled and hot-path connections without closing
-        them (they belong to the parent)."""
-        self._hot = threading.local()
+        """After a fork: drop the parent's pooled connections without closing them (they
+        belong to the parent)."""
         self.engine.dispose(close=False)
 
     def _in_tx(self, fn: Callable[[Connection], T]) -> T:

@@ -84,6 +84,17 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         # A forked child must not share the parent's database connections.
         saga.forget_connections()
 
+    @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _check_pool(sender: Any = None, **_: Any) -> None:
+        if sender is None or getattr(sender, "app", None) is not app:
+            return
+        consumed = getattr(sender.app.amqp.queues, "consume_from", None) or {}
+        refusal = refused_pool(str(sender.pool_cls), set(consumed), saga_queues(saga))
+        if refusal:
+            log.critical(refusal)
+            # Celery logs and swallows an Exception raised by a signal handler.
+            raise SystemExit(f"saga: {refusal}")
+
     _register_worker(app, saga)
     return app
 
@@ -114,6 +125,27 @@ def _register_worker(app: Celery, saga: Saga) -> None:
         if presence is not None:
             running.pop("stopping").set()
             presence.remove()
+
+
+def saga_queues(saga: Saga) -> set[str]:
+    """Every queue a step or compensation of a registered workflow is sent to."""
+    return {wf.queue_for(step) for wf in saga.registry for step in wf.step_names}
+
+
+def refused_pool(pool: str, consumed: set[str], queues: set[str]) -> str | None:
+    """Why a worker with Celery pool ``pool`` consuming ``consumed`` (empty: every queue) must
+    not run saga's steps, or ``None``. saga enforces a step's time limit on a process's main
+    thread or, in the threads pool, on the step's own thread; gevent and eventlet run many steps
+    on one thread, where neither can stop an overrunning step."""
+    if "gevent" not in pool.lower() and "eventlet" not in pool.lower():
+        return None
+    serving = sorted(consumed & queues) if consumed else sorted(queues)
+    if not serving:
+        return None
+    return (
+        f"the {pool!r} pool cannot enforce saga steps' time limits; run queues "
+        f"{', '.join(serving)} on a prefork, threads or solo worker (-P prefork|threads|solo)"
+    )
 
 
 def engine_of(app: Celery) -> Saga:

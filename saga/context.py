@@ -16,7 +16,12 @@ class StepContext:
 
     ``idempotency_key`` is the same for every attempt of one step (or compensation) of one run,
     so calls to outside systems can be deduplicated across retries and re-deliveries.
-    For a compensation, ``step_result`` is the result of the step being undone.
+
+    For a compensation, ``step_result`` is the result of the step being undone (``None`` unless
+    it completed), ``outcome`` what is known of it (``completed``; ``failed``: its code raised,
+    possibly after part of its effect; ``unknown``: its worker died, it ran past its time limit
+    or its result could not be stored), and ``step_idempotency_key`` the key the step's own
+    calls used, so the compensation can look the effect up and undo exactly that.
     """
 
     run_id: str
@@ -29,6 +34,8 @@ class StepContext:
     idempotency_key: str
     business_key: str | None = None
     step_result: JSON = None
+    outcome: str | None = None
+    step_idempotency_key: str | None = None
 
     @property
     def is_compensation(self) -> bool:

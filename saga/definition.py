@@ -210,33 +210,35 @@ class Workflow:
 
     @cached_property
     def definition_hash(self) -> str:
-        """A hash of everything that shapes a run: steps, edges, code names, policies."""
+        """A hash of the graph that pins a run: its steps, their dependencies, which have a
+        compensation, and each step's kind. Policies (retries, time limits, queues,
+        priorities) and the code's names are not in it: they may change under running runs and
+        apply from the next attempt, while a changed graph needs a new ``version``."""
         doc = {
             "name": self.name,
             "version": self.version,
-            "retry": self.retry.describe(),
-            "queue": self.queue,
-            "time_limit": self.time_limit,
-            "deadline": self.deadline,
             "steps": [
                 {
                     "name": s.name,
                     "after": sorted(s.after),
-                    "run": s.runner.identity,
-                    "compensate": s.compensation.identity if s.compensation else None,
-                    "retry": s.retry.describe() if s.retry else None,
-                    "compensation_retry": (
-                        s.compensation_retry.describe() if s.compensation_retry else None
-                    ),
-                    "queue": s.queue,
-                    "priority": s.priority,
-                    "time_limit": s.time_limit,
+                    "kind": s.runner.identity.partition(":")[0],
+                    "compensated": s.compensation is not None,
                 }
                 for s in self._steps.values()
             ],
         }
         raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(raw).hexdigest()[:16]
+
+    def route(self, step: str) -> dict[str, Any]:
+        """Where a step's (and its compensation's) messages go: its name, queue, priority and
+        time limit, as the outbox stores them."""
+        return {
+            "step": step,
+            "queue": self.queue_for(step),
+            "priority": self._steps[step].priority,
+            "time_limit": self.time_limit_for(step),
+        }
 
     def retry_for(self, step: str, kind: str) -> RetryPolicy:
         """The retry policy of a step (``kind='step'``) or of its compensation."""

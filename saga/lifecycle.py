@@ -12,16 +12,17 @@ from sqlalchemy import Connection
 
 from saga.codec import dumps
 from saga.core import graph
-from saga.core.decide import STOPPING, decide_stop, retry_plan
+from saga.core.attempts import AttemptRef
+from saga.core.decide import decide_stop, retry_plan
+from saga.core.states import LIVE_RUN_STATES, STOPPING
+from saga.definition import Workflow
 from saga.errors import InvalidTransitionError, UnknownRunError
 from saga.registry import Registry
-from saga.starting import route
 from saga.store.base import Row, Tables
 from saga.store.history import HistoryStore
 from saga.store.outbox import OutboxStore
 from saga.store.runs import RunStore
 from saga.store.steps import StepStore
-from saga.transitions import LIVE_RUN_STATES, AttemptRef
 
 
 class Lifecycle:
@@ -53,7 +54,7 @@ class Lifecycle:
             if attempt is None:
                 return "duplicate"
             wf = self.registry.get(run["workflow"], run["version"])
-            message = {**route(wf, ref.step), "attempt": attempt, "delay": retry_delay}
+            message = {**wf.route(ref.step), "attempt": attempt, "delay": retry_delay}
             self.outbox.enqueue(conn, ref.run_id, ref.kind, [message], run["trace_context"])
             detail = {"error": error, "retry_in": round(retry_delay, 3), "next_attempt": attempt}
             self.history.append(
@@ -75,20 +76,38 @@ class Lifecycle:
                 self.history.append(conn, ref.run_id, "run_compensation_failed", step=ref.step)
             return "failed"
         if run["state"] == "running":
-            self.runs.set_state(
-                conn, ref.run_id, ["running"], "compensating",
-                error=dumps({"step": ref.step, "kind": ref.kind, **_as_dict(error)}),
-            )
-            self.history.append(conn, ref.run_id, "run_compensating", step=ref.step)
-            run["state"] = "compensating"
-        self.advance_in_tx(conn, run)
+            reason = {"step": ref.step, "kind": ref.kind, **_as_dict(error)}
+            self.stop_in_tx(conn, run, "compensating", "run_compensating", reason, step=ref.step)
+        else:
+            self.advance_in_tx(conn, run)
         return "failed"
 
     # -- stopping ----------------------------------------------------------------------------
 
+    def stop_in_tx(
+        self,
+        conn: Connection,
+        run: Row,
+        to: str,
+        event: str,
+        reason: dict[str, Any],
+        step: str | None = None,
+    ) -> str:
+        """Stop a running run (``run`` is its row, locked by the caller): it dispatches
+        nothing new, drops the result gathered so far, keeps ``reason`` as its error (and in
+        the history, from where a retried compensation restores it), and moves on."""
+        run_id = str(run["id"])
+        self.runs.set_state(
+            conn, run_id, ["running"], to, error=dumps(reason), clear_result=True
+        )
+        self.history.append(conn, run_id, event, step=step, detail={"error": reason})
+        run["state"] = to
+        return self.advance_in_tx(conn, run)
+
     def advance_in_tx(self, conn: Connection, run: Row) -> str:
-        """Move a stopping run on (``run`` is its row, locked by the caller): skip what never
-        started, and once nothing runs, start the compensations or end the run. Idempotent."""
+        """Move a stopping run on (``run`` is its row, locked by the caller): skip what waits,
+        and once nothing runs, start the compensations of every step that started, or end
+        the run. Idempotent."""
         if run["state"] not in STOPPING:
             return run["state"]  # type: ignore[no-any-return]
         run_id = str(run["id"])
@@ -105,7 +124,7 @@ class Lifecycle:
             wf.after_map,
             with_comp,
             running=StepStore.names(rows, "step", "running"),
-            completed=StepStore.names(rows, "step", "completed"),
+            started={r["step"] for r in rows if r["kind"] == "step" and r["started_at"]},
         )
         if decision.wait:
             return run["state"]  # type: ignore[no-any-return]
@@ -118,7 +137,7 @@ class Lifecycle:
         self.runs.set_state(
             conn, run_id, list(STOPPING), run["state"], compensations_remaining=len(pending)
         )
-        ready = [{**route(wf, s), "attempt": 1} for s, n in pending.items() if n == 0]
+        ready = [{**wf.route(s), "attempt": 1} for s, n in pending.items() if n == 0]
         self.outbox.enqueue(conn, run_id, "compensation", ready, run["trace_context"])
         self.history.append(
             conn, run_id, "compensation_started", detail={"compensations": sorted(pending)}
@@ -142,10 +161,7 @@ class Lifecycle:
                 f"run {run_id} is {run['state']}: only a running run can be cancelled"
             )
         error = {"type": "cancelled", "message": reason or "cancelled by an operator"}
-        self.runs.set_state(conn, run_id, ["running"], "cancelling", error=dumps(error))
-        self.history.append(conn, run_id, "run_cancelling", detail=error)
-        run["state"] = "cancelling"
-        return self.advance_in_tx(conn, run)
+        return self.stop_in_tx(conn, run, "cancelling", "run_cancelling", error)
 
     def retry_in_tx(self, conn: Connection, run_id: str, from_step: str | None = None) -> str:
         """Retry a ``failed`` run from its failed step (or ``from_step``), or a
@@ -164,11 +180,18 @@ class Lifecycle:
             reset = self.steps.reset(
                 conn, run_id, "compensation", dict.fromkeys(failed | stranded, 0)
             )
-            # The compensation's failure replaced the run's error: the history still knows.
+            # The compensation's failure replaced the run's error: the history still knows why
+            # the run stopped, and that reason is its error again.
             history = self.history.of_run(conn, run_id)
-            cancelled = any(h["event"] == "run_cancelling" for h in history)
-            back = "cancelling" if cancelled else "compensating"
-            self.runs.set_state(conn, run_id, ["compensation_failed"], back)
+            stops = [h for h in history if h["event"] in ("run_compensating", "run_cancelling")]
+            back = "cancelling" if stops and stops[-1]["event"] == "run_cancelling" else (
+                "compensating"
+            )
+            reason = (stops[-1]["detail"] or {}).get("error") if stops else None
+            self.runs.set_state(
+                conn, run_id, ["compensation_failed"], back,
+                error=None if reason is None else dumps(reason),
+            )
             self._enqueue_ready(conn, run, wf, "compensation", reset)
             detail = {"compensations": sorted(failed)}
             self.history.append(conn, run_id, "operator_retry", detail=detail)
@@ -186,9 +209,12 @@ class Lifecycle:
             restart = ({from_step} | graph.descendants(wf.after_map, from_step)) & completed
         pending = retry_plan(wf.after_map, completed - restart, restart)
         reset = self.steps.reset(conn, run_id, "step", pending)
+        # The run's error was its failure's, which the history keeps; it runs again.
         self.runs.set_state(
-            conn, run_id, ["failed"], "running", finished=False, steps_remaining=len(pending)
+            conn, run_id, ["failed"], "running", finished=False, clear_error=True,
+            steps_remaining=len(pending),
         )
+        self.runs.gather_result(conn, run_id, graph.sinks(wf.after_map))
         # A deadline that has passed would stop the retried run at once: it starts again.
         self.runs.restart_deadline(conn, run_id, wf.deadline)
         self._enqueue_ready(conn, run, wf, "step", reset)
@@ -220,9 +246,10 @@ class Lifecycle:
         return run
 
     def _enqueue_ready(
-        self, conn: Connection, run: Row, wf: Any, kind: str, reset: list[tuple[str, str, int]]
+        self, conn: Connection, run: Row, wf: Workflow, kind: str,
+        reset: list[tuple[str, str, int]],
     ) -> None:
-        ready = [{**route(wf, s), "attempt": a} for s, state, a in reset if state == "ready"]
+        ready = [{**wf.route(s), "attempt": a} for s, state, a in reset if state == "ready"]
         self.outbox.enqueue(conn, str(run["id"]), kind, ready, run["trace_context"])
 
 

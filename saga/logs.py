@@ -69,3 +69,14 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             doc["stack"] = self.formatStack(record.stack_info)
         return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception, bounded, for a log line (a failing ``__str__`` gives
+    the type alone)."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = ""
+    name = type(exc).__name__
+    return f"{name}: {text[:limit]}" if text else name

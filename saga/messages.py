@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from saga.transitions import AttemptRef
+from saga.core.attempts import AttemptRef
 
 KINDS = ("step", "compensation")
 
@@ -26,13 +26,18 @@ class StepMessage:
     kind: str
     step: str
     attempt: int
+    definition: str | None = None
+    """The hash of the run's workflow definition, so a worker without it can tell before it
+    claims anything (absent in messages of older relays)."""
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> StepMessage:
         """Validate a message body; :class:`MalformedMessageError` says what is wrong."""
         if not isinstance(body, Mapping):
             raise MalformedMessageError(f"body is a {type(body).__name__}, not an object")
-        unknown = set(body) - {"run_id", "workflow", "version", "kind", "step", "attempt"}
+        unknown = set(body) - {
+            "run_id", "workflow", "version", "kind", "step", "attempt", "definition",
+        }
         if unknown:
             raise MalformedMessageError(f"unknown fields {sorted(unknown)}")
         try:
@@ -46,7 +51,10 @@ class StepMessage:
         for name, value in (("version", version), ("attempt", attempt)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MalformedMessageError(f"{name} must be an int >= 1")
-        return cls(run_id, workflow, version, kind, step, attempt)
+        definition = body.get("definition")
+        if definition is not None and (not isinstance(definition, str) or len(definition) > 64):
+            raise MalformedMessageError("definition must be a string of up to 64 characters")
+        return cls(run_id, workflow, version, kind, step, attempt, definition)
 
     @property
     def ref(self) -> AttemptRef:
@@ -55,7 +63,7 @@ class StepMessage:
 
     def as_body(self) -> dict[str, Any]:
         """The message body."""
-        return {
+        body: dict[str, Any] = {
             "run_id": self.run_id,
             "workflow": self.workflow,
             "version": self.version,
@@ -63,6 +71,9 @@ class StepMessage:
             "step": self.step,
             "attempt": self.attempt,
         }
+        if self.definition is not None:
+            body["definition"] = self.definition
+        return body
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,7 @@ class Envelope:
             kind=row["kind"],
             step=row["step"],
             attempt=row["attempt"],
+            definition=row.get("definition_hash"),
         )
         countdown = row["countdown"] if row["countdown"] and row["countdown"] > 0 else None
         return cls(message, row["queue"], row["priority"], row["time_limit"], countdown, headers)

@@ -1,7 +1,8 @@
 """The outbox relay: publishes ready step attempts to the broker.
 
-It claims unpublished outbox rows in batches (``FOR UPDATE SKIP LOCKED``, so several relays can
-run), publishes each, and marks it published in the same transaction. It wakes on
+It takes unpublished outbox rows in batches (``FOR UPDATE SKIP LOCKED`` inside one short
+statement, so several relays can run), publishes each outside any transaction, then marks them
+published. It wakes on
 ``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
 with backoff. On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
 """
@@ -18,7 +19,6 @@ from typing import Any
 import psycopg
 import tenacity
 from sqlalchemy import Connection
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
@@ -43,6 +43,7 @@ class Relay:
         poll_interval: float = 1.0,
         lookahead: float = 2.0,
         sweep_interval: float = 2.0,
+        hold: float = 30.0,
         housekeeping: Housekeeping | None = None,
     ) -> None:
         if batch_size < 1 or poll_interval <= 0:
@@ -53,6 +54,8 @@ class Relay:
         self.poll_interval = poll_interval
         self.lookahead = lookahead
         self.sweep_interval = sweep_interval
+        self.hold = hold
+        """Seconds a batch's rows are held for this relay while it publishes them."""
         self.sweeper = Sweeper(saga)
         self.housekeeping = housekeeping or Housekeeping(saga)
         self.stopping = threading.Event()
@@ -63,23 +66,32 @@ class Relay:
     # -- one batch ---------------------------------------------------------------------------
 
     def publish_batch(self) -> int:
-        """Claim, publish and mark one batch; the number published. A publish error commits
-        what went out before it and re-raises."""
+        """Take, publish and mark one batch; the number published. A publish error marks what
+        went out before it, hands the rest back, and re-raises.
+
+        No transaction is open while publishing: taking the batch is one short statement that
+        holds the rows by pushing their due time ahead (a cancel or a claim never waits on a
+        publish), and marking them published is another. A relay killed in between leaves the
+        rows due again after ``hold`` seconds: a duplicate publish at most, never a loss."""
         outbox = self.saga.lifecycle.outbox
-        published: list[int] = []
-        failure: Exception | None = None
         conn = self._connection()
         try:
-            with conn.begin():
-                rows = outbox.claim_batch(conn, self.batch_size, self.lookahead)
-                for row in rows:
-                    try:
-                        self._publish(row)
-                    except Exception as exc:  # the broker: keep what went out, then back off
-                        failure = exc
-                        break
-                    published.append(row["id"])
-                outbox.mark_published(conn, published)
+            rows = outbox.take_batch(conn, self.batch_size, self.lookahead, self.hold)
+        except DBAPIError:
+            self._close_connection()
+            raise
+        published: list[int] = []
+        failure: Exception | None = None
+        for row in rows:
+            try:
+                self._publish(row)
+            except Exception as exc:  # the broker: keep what went out, then back off
+                failure = exc
+                break
+            published.append(row["id"])
+        try:
+            outbox.mark_published(conn, published, self.saga.settings.republish_after)
+            outbox.release(conn, [r["id"] for r in rows[len(published) :]])
         except DBAPIError:
             self._close_connection()
             raise
@@ -88,9 +100,11 @@ class Relay:
         return len(published)
 
     def _connection(self) -> Connection:
-        # Kept across batches: a pool checkout would pre-ping on every wake.
+        # Kept across batches (a pool checkout would pre-ping on every wake), in autocommit:
+        # each statement is its own short transaction.
         if self._conn is None or self._conn.closed or self._conn.invalidated:
-            self._conn = self.saga.engine.connect()
+            conn = self.saga.engine.connect()
+            self._conn = conn.execution_options(isolation_level="AUTOCOMMIT")
         return self._conn
 
     def _close_connection(self) -> None:
@@ -182,9 +196,7 @@ class Relay:
 
     def _listen(self) -> psycopg.Connection[Any]:
         if self._listener is None or self._listener.closed:
-            url = make_url(self.saga.engine.url).set(drivername="postgresql")
-            conninfo = url.render_as_string(hide_password=False)
-            self._listener = psycopg.connect(conninfo, autocommit=True, connect_timeout=5)
+            self._listener = self.saga.connect_raw()
             self._listener.execute(f'LISTEN "{self.saga.tables.channel}"')
         return self._listener
 

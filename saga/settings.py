@@ -20,9 +20,13 @@ def _flag(value: str) -> bool:
 class Settings:
     """Tunables of one engine. Durations are in seconds.
 
-    ``lease_grace`` is added to a step's time limit to make its lease: past that, the sweeper
-    deems the worker lost. ``republish_after`` is how long a published message may wait for a
-    worker before the sweeper publishes it again (the broker may have lost it). With
+    A running attempt holds a lease of ``heartbeat_timeout`` seconds, renewed by its worker's
+    heartbeat (every third of it) while the attempt runs: a dead worker's attempt is retried
+    that long after its last beat, whatever the step's time limit. The heartbeat renews a lease
+    for at most the step's time limit plus ``lease_grace``, so an attempt that ignores its time
+    limit (a thread stuck in a C call) is given up then. ``republish_after`` is how long a
+    published message may wait for a worker before the sweeper publishes it again (the broker
+    may have lost it); each further time waits eight times longer. With
     ``eager_dispatch`` a worker publishes the steps its completion made ready itself, right
     after the commit, instead of waiting for the relay; the outbox row stays the fallback.
     """
@@ -31,6 +35,7 @@ class Settings:
     max_input_bytes: int = 256 * 1024
     max_result_bytes: int = 256 * 1024
     lease_grace: float = 30.0
+    heartbeat_timeout: float = 15.0
     republish_after: float = 300.0
     eager_dispatch: bool = True
 
@@ -39,19 +44,21 @@ class Settings:
         for name in ("max_input_bytes", "max_result_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("lease_grace", "republish_after"):
+        for name in ("lease_grace", "heartbeat_timeout", "republish_after"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Settings from ``SAGA_SCHEMA``, ``SAGA_MAX_INPUT_BYTES``, ``SAGA_LEASE_GRACE`` and
-        ``SAGA_REPUBLISH_AFTER``, with ``overrides`` on top."""
+        """Settings from ``SAGA_SCHEMA``, ``SAGA_MAX_INPUT_BYTES``, ``SAGA_LEASE_GRACE``,
+        ``SAGA_HEARTBEAT_TIMEOUT``, ``SAGA_REPUBLISH_AFTER`` and ``SAGA_EAGER_DISPATCH``, with
+        ``overrides`` on top."""
         env: dict[str, object] = {}
         for key, name, conv in (
             ("SAGA_SCHEMA", "schema", str),
             ("SAGA_MAX_INPUT_BYTES", "max_input_bytes", int),
             ("SAGA_LEASE_GRACE", "lease_grace", float),
+            ("SAGA_HEARTBEAT_TIMEOUT", "heartbeat_timeout", float),
             ("SAGA_REPUBLISH_AFTER", "republish_after", float),
             ("SAGA_EAGER_DISPATCH", "eager_dispatch", _flag),
         ):

@@ -56,17 +56,6 @@ class Started:
     created: bool
 
 
-def route(workflow: Workflow, step: str) -> dict[str, Any]:
-    """The queue, priority and time limit of a step's messages."""
-    s = workflow[step]
-    return {
-        "step": step,
-        "queue": workflow.queue_for(step),
-        "priority": s.priority,
-        "time_limit": workflow.time_limit_for(step),
-    }
-
-
 class Starter:
     """Writes a new run, its steps and its first messages in the caller's transaction."""
 
@@ -104,7 +93,7 @@ class Starter:
             "n_steps": len(after),
             "deadline": workflow.deadline,
             "steps": dumps([{"step": s, "pending": len(d)} for s, d in after.items()]),
-            "roots": dumps([route(workflow, s) for s in graph.roots(after)]),
+            "roots": dumps([workflow.route(s) for s in graph.roots(after)]),
         }
         run_id = conn.execute(self._start, params).scalar()
         if run_id is not None:

@@ -1,12 +1,13 @@
 """Recovery: what no message will ever trigger. Run periodically by the relay.
 
-- a running attempt whose lease expired (its worker died or hung) fails, and is retried under
+- a running attempt whose lease expired (its worker's heartbeat stopped: the process died, or
+  the attempt ran far past its time limit) fails with an unknown outcome, and is retried under
   its policy;
 - a message published long ago whose attempt never started (the broker lost it) is published
-  again;
+  again, each time later than the last;
 - a run past its deadline stops and compensates;
 - a stopping run whose last in-flight step finished without moving it on (a worker died between
-  the two transactions) is moved on, and a completed run whose result was never stored gets it.
+  the two transactions) is moved on.
 """
 
 from __future__ import annotations
@@ -16,10 +17,8 @@ from dataclasses import dataclass
 
 from saga import logs
 from saga.app import Saga
-from saga.codec import dumps
-from saga.core import graph
+from saga.core.attempts import AttemptRef
 from saga.errors import UnknownWorkflowError
-from saga.transitions import AttemptRef
 
 log = logging.getLogger("saga.sweeper")
 
@@ -34,11 +33,6 @@ _PAST_DEADLINE = """
 SELECT id::text FROM {runs}
 WHERE state = 'running' AND deadline_at IS NOT NULL AND deadline_at < now()
 ORDER BY deadline_at LIMIT :limit
-"""
-_UNFINISHED = """
-SELECT id::text, workflow, version FROM {runs}
-WHERE state = 'completed' AND finished_at IS NULL AND updated_at < now() - interval '2 seconds'
-LIMIT :limit
 """
 _STALLED = """
 SELECT r.id::text FROM {runs} r
@@ -74,7 +68,6 @@ class Sweeper:
         self._expired = t.sql(_EXPIRED)
         self._past_deadline = t.sql(_PAST_DEADLINE)
         self._stalled = t.sql(_STALLED)
-        self._unfinished = t.sql(_UNFINISHED)
 
     def sweep(self) -> SweepReport:
         """One pass over every kind of repair."""
@@ -100,8 +93,10 @@ class Sweeper:
             delay = policy.delay_after(ref.attempt - row["first_attempt"] + 1)
             error = {
                 "type": "saga.LeaseExpired",
-                "message": "the attempt's lease expired: its worker died, hung or overran",
+                "message": "the attempt's lease expired: its worker's heartbeat stopped "
+                "(the process died, or the attempt ran far past its time limit)",
                 "attempt": ref.attempt,
+                "outcome": "unknown",
             }
             with self.saga.engine.begin() as conn:
                 outcome = self.saga.lifecycle.fail_attempt_in_tx(conn, ref, error, delay)
@@ -132,9 +127,7 @@ class Sweeper:
     def republish_lost(self) -> int:
         """Publish again the messages no worker claimed long after they were published."""
         with self.saga.engine.begin() as conn:
-            rows = self.saga.lifecycle.outbox.republish_stale(
-                conn, self.saga.settings.republish_after, self.batch
-            )
+            rows = self.saga.lifecycle.outbox.republish_due(conn, self.batch)
             for row in rows:
                 self.saga.lifecycle.history.append(
                     conn,
@@ -159,12 +152,7 @@ class Sweeper:
                 if run is None or run["state"] != "running":
                     continue
                 error = {"type": "saga.DeadlineExceeded", "message": "the run's deadline passed"}
-                lifecycle.runs.set_state(
-                    conn, run_id, ["running"], "compensating", error=dumps(error)
-                )
-                lifecycle.history.append(conn, run_id, "deadline_exceeded")
-                run["state"] = "compensating"
-                lifecycle.advance_in_tx(conn, run)
+                lifecycle.stop_in_tx(conn, run, "compensating", "deadline_exceeded", error)
             logs.event(log, logging.WARNING, "run deadline exceeded", run_id=run_id)
         return len(ids)
 
@@ -175,15 +163,4 @@ class Sweeper:
         for run_id in ids:
             with self.saga.engine.begin() as conn:
                 self.saga.lifecycle.advance(conn, run_id)
-        # A worker that died between a run's last completion and the statement storing the
-        # run's result left a completed run without one.
-        with self.saga.engine.connect() as conn:
-            unfinished = conn.execute(self._unfinished, {"limit": self.batch}).all()
-        for run_id, name, version in unfinished:
-            try:
-                wf = self.saga.registry.get(name, version)
-            except UnknownWorkflowError:
-                continue
-            with self.saga.engine.begin() as conn:
-                self.saga.transitions.finish(conn, run_id, graph.sinks(wf.after_map))
-        return len(ids) + len(unfinished)
+        return len(ids)

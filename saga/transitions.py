@@ -1,12 +1,19 @@
 """The hot path: claiming a step attempt and completing it, each one SQL statement.
 
 Each statement runs on an autocommit connection, so it is its own transaction: one round trip
-and one commit. Both are guarded (``WHERE state = ... AND attempt = ...``): a claim or a
-completion for a stale attempt or a finished step changes nothing and comes back as ``None``.
+and one commit. Both are guarded (``WHERE state = ... AND attempt = ...``, the moves
+``claimed`` and ``completed`` of :mod:`saga.core.states`): a claim or a completion for a stale
+attempt or a finished step changes nothing.
+
+Both can be replayed after a lost reply. A claim carries a token of the execution that made it,
+so running it again finds its own claim; a completion that finds its attempt already completed
+under the same token returns the messages it made ready, so that they still go out at once.
 
 A join's readiness is a counter on its row (``pending_deps``): completions of its last two
 dependencies in two processes decrement it under the row lock, so exactly one sees it reach zero
-and writes the join's outbox row.
+and writes the join's outbox row. A run's result (its sink steps' results) is gathered on its
+row by the sinks' completions, under the same lock, so the completion that ends the run stores
+the whole result and ``finished_at`` in its own commit.
 """
 
 from __future__ import annotations
@@ -18,26 +25,35 @@ from typing import Any
 from sqlalchemy import Connection
 
 from saga.codec import dumps
+from saga.core.attempts import AttemptRef, outcome_of
+from saga.core.states import LIVE_RUN_STATES
 from saga.store.base import Tables
-
-LIVE_RUN_STATES = {"step": ["running"], "compensation": ["compensating", "cancelling"]}
-"""Run states in which new attempts of each kind may start."""
 
 _CLAIM = """
 WITH run AS (
-    SELECT id, workflow, version, definition_hash, input, business_key, trace_context
-    FROM {runs} WHERE id = :run_id AND state = ANY(:live) FOR KEY SHARE
+    SELECT id, workflow, version, definition_hash, state, input, business_key, trace_context
+    FROM {runs} WHERE id = :run_id FOR KEY SHARE
 ), claimed AS (
     UPDATE {steps} sr
-    SET state = 'running', started_at = now(), due_at = NULL, worker = :worker,
+    SET state = 'running', started_at = now(), due_at = NULL, worker = :token,
         lease_expires_at = now() + make_interval(secs => :lease)
     FROM run
     WHERE sr.run_id = run.id AND sr.kind = :kind AND sr.step = :step
       AND sr.state = 'ready' AND sr.attempt = :attempt
-    RETURNING sr.first_attempt, sr.result
+      AND run.state = ANY(:live) AND run.workflow = :workflow AND run.version = :version
+      AND run.definition_hash = :hash
+    RETURNING sr.first_attempt
+), mine AS (
+    SELECT first_attempt FROM claimed
+    UNION ALL
+    -- The same claim run again after its reply was lost: it is ours already.
+    SELECT sr.first_attempt FROM {steps} sr, run
+    WHERE NOT EXISTS (SELECT 1 FROM claimed)
+      AND sr.run_id = run.id AND sr.kind = :kind AND sr.step = :step
+      AND sr.state = 'running' AND sr.attempt = :attempt AND sr.worker = :token
 ), gone AS (
-    -- A relay may still hold the row in its batch: skip it rather than wait; the sweeper
-    -- deletes what a claim left behind.
+    -- A relay may be taking the row into its batch right now: skip it rather than wait; the
+    -- sweeper deletes what a claim left behind.
     DELETE FROM {outbox} WHERE id IN (
         SELECT id FROM {outbox}
         WHERE run_id = :run_id AND kind = :kind AND step = :step AND attempt = :attempt
@@ -48,12 +64,16 @@ WITH run AS (
     SELECT :run_id, 'step_started', :kind, :step, :attempt FROM claimed
 )
 SELECT run.workflow, run.version, run.definition_hash, run.input, run.business_key,
-       run.trace_context, claimed.first_attempt,
-       (SELECT coalesce(jsonb_object_agg(d.step, d.result), '{{}}'::jsonb) FROM {steps} d
-        WHERE d.run_id = run.id AND d.kind = 'step' AND d.step = ANY(:deps)) AS results,
-       (SELECT d.result FROM {steps} d
-        WHERE d.run_id = run.id AND d.kind = 'step' AND d.step = :step) AS step_result
-FROM run, claimed
+       run.trace_context, mine.first_attempt,
+       CASE WHEN mine.first_attempt IS NOT NULL THEN
+           (SELECT coalesce(jsonb_object_agg(d.step, d.result), '{{}}'::jsonb) FROM {steps} d
+            WHERE d.run_id = run.id AND d.kind = 'step' AND d.step = ANY(:deps))
+       END AS results,
+       CASE WHEN mine.first_attempt IS NOT NULL AND :kind = 'compensation' THEN
+           (SELECT jsonb_build_object('state', d.state, 'result', d.result, 'error', d.error)
+            FROM {steps} d WHERE d.run_id = run.id AND d.kind = 'step' AND d.step = :step)
+       END AS undone
+FROM run LEFT JOIN mine ON true
 """
 
 _COMPLETE = """
@@ -76,6 +96,16 @@ WITH done AS (
                 THEN CASE r.state WHEN 'compensating' THEN 'compensated'
                                   WHEN 'cancelling' THEN 'cancelled' ELSE r.state END
             ELSE r.state END,
+        -- A sink's result joins the run's; only while the run runs (a stopped run has none).
+        result = CASE WHEN :sink AND :kind = 'step' AND r.state = 'running'
+            THEN coalesce(r.result, '{{}}'::jsonb)
+                 || jsonb_build_object(CAST(:step AS text), CAST(:result AS jsonb))
+            ELSE r.result END,
+        finished_at = CASE
+            WHEN :kind = 'step' AND r.state = 'running' AND r.steps_remaining = 1 THEN now()
+            WHEN :kind = 'compensation' AND r.compensations_remaining = 1
+                 AND r.state IN ('compensating', 'cancelling') THEN now()
+            ELSE r.finished_at END,
         updated_at = now()
     FROM done WHERE r.id = done.run_id
     RETURNING r.state, r.trace_context
@@ -92,9 +122,10 @@ WITH done AS (
     RETURNING sr.step, sr.state, sr.attempt
 ), queued AS (
     INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
-                          published_at, publish_count)
+                          published_at, publish_count, republish_at)
     SELECT :run_id, :kind, released.step, released.attempt, x.queue, x.priority, x.time_limit,
-           run.trace_context, CASE WHEN :eager THEN now() END, CASE WHEN :eager THEN 1 ELSE 0 END
+           run.trace_context, CASE WHEN :eager THEN now() END, CASE WHEN :eager THEN 1 ELSE 0 END,
+           CASE WHEN :eager THEN now() + make_interval(secs => :republish_after) END
     FROM released
     JOIN jsonb_to_recordset(CAST(:routes AS jsonb))
          AS x(step text, queue text, priority int, time_limit float8) ON x.step = released.step
@@ -113,34 +144,25 @@ SELECT run.state, run.trace_context,
 FROM run
 """
 
-_FINISH_RESULT = """
-UPDATE {runs} SET finished_at = now(), result = (
-    SELECT jsonb_object_agg(step, result) FROM {steps}
-    WHERE run_id = :run_id AND kind = 'step' AND step = ANY(:sinks))
-WHERE id = :run_id
+_REPLAY_COMPLETION = """
+SELECT r.state, r.trace_context,
+       coalesce((SELECT jsonb_agg(jsonb_build_object(
+                    'step', o.step, 'attempt', o.attempt, 'queue', o.queue,
+                    'priority', o.priority, 'time_limit', o.time_limit))
+                 FROM {outbox} o
+                 WHERE o.run_id = sr.run_id AND o.kind = sr.kind AND o.step = ANY(:release)),
+                '[]'::jsonb) AS queued
+FROM {steps} sr JOIN {runs} r ON r.id = sr.run_id
+WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = :step
+  AND sr.state = 'completed' AND sr.attempt = :attempt AND sr.worker = :token
 """
-
-_FINISH = "UPDATE {runs} SET finished_at = now() WHERE id = :run_id"
-
-
-@dataclass(frozen=True)
-class AttemptRef:
-    """One attempt of one step (or compensation) of one run: what a message names."""
-
-    run_id: str
-    kind: str
-    step: str
-    attempt: int
-
-    @property
-    def idempotency_key(self) -> str:
-        """The same for every attempt of this step of this run."""
-        return f"{self.run_id}:{self.kind}:{self.step}"
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A claimed attempt and what its code needs."""
+    """What a claim found: the run (always) and, when ``claimed``, what the attempt's code
+    needs. An unclaimed attempt is stale, taken, of a stopped run, or of a run whose
+    definition (``workflow``, ``version``, ``definition_hash``) is not the one asked for."""
 
     ref: AttemptRef
     workflow: str
@@ -149,9 +171,12 @@ class Claim:
     input: Any
     business_key: str | None
     trace_context: Any
-    first_attempt: int
-    results: dict[str, Any]
-    step_result: Any
+    claimed: bool
+    first_attempt: int = 1
+    results: dict[str, Any] | None = None
+    step_result: Any = None
+    outcome: str | None = None
+    """For a compensation: what is known of the step it undoes (see ``saga.core.attempts``)."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +187,8 @@ class Completion:
     run_state: str
     queued: tuple[dict[str, Any], ...] = ()
     trace_context: Any = None
+    replayed: bool = False
+    """The completion had committed before (its reply was lost): nothing changed now."""
 
     @property
     def ready(self) -> tuple[str, ...]:
@@ -180,19 +207,22 @@ class Transitions:
     def __init__(self, tables: Tables) -> None:
         self._claim = tables.sql(_CLAIM)
         self._complete = tables.sql(_COMPLETE)
-        self._finish_result = tables.sql(_FINISH_RESULT)
-        self._finish = tables.sql(_FINISH)
+        self._replay_completion = tables.sql(_REPLAY_COMPLETION)
 
     def claim(
         self,
         conn: Connection,
         ref: AttemptRef,
         *,
+        workflow: str,
+        version: int,
+        definition_hash: str,
         deps: Sequence[str],
         lease_seconds: float,
-        worker: str,
+        token: str,
     ) -> Claim | None:
-        """Start ``ref`` under a lease; ``None`` if it is stale, taken, or its run has stopped."""
+        """Start ``ref`` under a lease of ``lease_seconds`` (renewed by the worker's heartbeat)
+        if its run is live and has this definition; ``None`` when there is no such run."""
         row = (
             conn.execute(
                 self._claim,
@@ -201,9 +231,12 @@ class Transitions:
                     "kind": ref.kind,
                     "step": ref.step,
                     "attempt": ref.attempt,
-                    "live": LIVE_RUN_STATES[ref.kind],
+                    "live": list(LIVE_RUN_STATES[ref.kind]),
+                    "workflow": workflow,
+                    "version": version,
+                    "hash": definition_hash,
                     "lease": lease_seconds,
-                    "worker": worker,
+                    "token": token,
                     "deps": list(deps),
                 },
             )
@@ -212,6 +245,8 @@ class Transitions:
         )
         if row is None:
             return None
+        claimed = row["first_attempt"] is not None
+        undone = row["undone"] or {}
         return Claim(
             ref=ref,
             workflow=row["workflow"],
@@ -220,14 +255,12 @@ class Transitions:
             input=row["input"],
             business_key=row["business_key"],
             trace_context=row["trace_context"],
-            first_attempt=row["first_attempt"],
-            results=dict(row["results"]),
-            step_result=row["step_result"],
+            claimed=claimed,
+            first_attempt=row["first_attempt"] or 1,
+            results=dict(row["results"]) if claimed else None,
+            step_result=undone.get("result"),
+            outcome=outcome_of(undone["state"], undone.get("error")) if undone else None,
         )
-
-    def finish(self, conn: Connection, run_id: str, sinks: Sequence[str]) -> None:
-        """Stamp a completed run's end and store its result: its sink steps' results."""
-        conn.execute(self._finish_result, {"run_id": run_id, "sinks": list(sinks)})
 
     def complete(
         self,
@@ -235,47 +268,50 @@ class Transitions:
         ref: AttemptRef,
         result_json: str,
         *,
+        token: str,
         release: Sequence[str],
         routes: Sequence[dict[str, Any]],
-        sinks: Sequence[str],
+        sink: bool,
         eager: bool = False,
+        republish_after: float = 300.0,
     ) -> Completion | None:
         """Record the attempt's result and queue every step it made ready, in one statement.
 
         ``release`` are the rows whose wait this completion shortens (a step's dependents, or
-        the compensations waiting for this one); ``routes`` their queue/priority/time_limit.
-        ``None`` means a duplicate: the attempt is stale or already finished. With ``eager``
-        the new messages are written as published: the caller publishes them itself after the
-        commit (and the sweeper republishes them if it dies first).
+        the compensations waiting for this one); ``routes`` their queue/priority/time_limit;
+        ``sink`` whether the step's result is part of the run's. With ``eager`` the new
+        messages are written as published: the caller publishes them itself after the commit
+        (the sweeper publishes them again after ``republish_after`` if it died first).
+        ``None`` means a duplicate: the attempt is stale or was finished by someone else; a
+        completion of this very attempt whose reply was lost is replayed instead.
         """
-        row = (
-            conn.execute(
-                self._complete,
-                {
-                    "run_id": ref.run_id,
-                    "kind": ref.kind,
-                    "step": ref.step,
-                    "attempt": ref.attempt,
-                    "result": result_json,
-                    "release": list(release),
-                    "routes": dumps(list(routes)),
-                    "live": LIVE_RUN_STATES[ref.kind],
-                    "eager": eager,
-                },
+        params = {
+            "run_id": ref.run_id,
+            "kind": ref.kind,
+            "step": ref.step,
+            "attempt": ref.attempt,
+            "result": result_json,
+            "release": list(release),
+            "routes": dumps(list(routes)),
+            "live": list(LIVE_RUN_STATES[ref.kind]),
+            "sink": sink,
+            "eager": eager,
+            "republish_after": republish_after,
+        }
+        row = conn.execute(self._complete, params).mappings().first()
+        if row is not None:
+            return Completion(
+                run_state=row["state"],
+                queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
+                trace_context=row["trace_context"],
             )
-            .mappings()
-            .first()
-        )
-        if row is None:
+        replay = {k: params[k] for k in ("run_id", "kind", "step", "attempt", "release")}
+        again = conn.execute(self._replay_completion, replay | {"token": token}).mappings().first()
+        if again is None:
             return None
-        completion = Completion(
-            run_state=row["state"],
-            queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
-            trace_context=row["trace_context"],
+        return Completion(
+            run_state=again["state"],
+            queued=tuple(sorted(again["queued"], key=lambda m: m["step"])),
+            trace_context=again["trace_context"],
+            replayed=True,
         )
-        if completion.run_state == "completed":
-            # A separate statement: its fresh snapshot sees every sink committed before ours.
-            self.finish(conn, ref.run_id, sinks)
-        elif completion.run_finished:
-            conn.execute(self._finish, {"run_id": ref.run_id})
-        return completion

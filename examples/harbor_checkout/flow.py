@@ -6,9 +6,10 @@
                                         -> send_receipt  -> mark_fulfilled
 
 ``release_inventory`` undoes ``reserve_inventory``, ``refund_payment`` undoes
-``charge_payment`` and ``send_cancellation`` follows up a receipt that went out. Saga runs the
-compensations of the completed steps in reverse order when a step fails for good, so
-``release_inventory`` is always the last one: it is where the order becomes ``cancelled``.
+``charge_payment`` and ``send_cancellation`` follows up a receipt that went out. When a step
+fails for good, saga runs the compensations of every step that started (completed, failed, or
+of unknown outcome) in reverse order, so ``release_inventory`` is always the last one: it is
+where the order becomes ``cancelled``.
 
 Steps run at least once: each is idempotent (guarded inserts in the database, the idempotency
 key at the payment provider). Payments run on the ``payments`` queue, notifications on
@@ -194,9 +195,31 @@ def charge_payment(ctx: StepContext) -> dict[str, Any]:
     return {"charge_id": charge["charge_id"], "amount_cents": charge["amount_cents"]}
 
 
+def _charge_made_with(key: str) -> str | None:
+    """The id of the charge the provider made under idempotency key ``key``, if any."""
+    try:
+        resp = _http().get("/v1/charges", params={"idempotency_key": key})
+    except httpx.TransportError as exc:
+        raise RetryableError(f"payment provider unreachable: {type(exc).__name__}") from exc
+    if resp.status_code == 404:
+        return None
+    if resp.status_code != 200:
+        raise RetryableError(f"payment provider answered {resp.status_code} on a look-up")
+    return str(resp.json()["charge_id"])
+
+
 def refund_payment(ctx: StepContext) -> dict[str, Any]:
-    """Refund the charge ``charge_payment`` made (its result is ``ctx.step_result``)."""
-    charge_id = ctx.step_result["charge_id"]
+    """Refund the charge ``charge_payment`` made. When the charge completed, its result names
+    it; when saga cannot know (``ctx.outcome`` is ``failed`` or ``unknown``: the card was
+    declined, the answer was lost, the worker died), the charge is looked up by the key the
+    charge step used, and refunded if it went through after all."""
+    if ctx.outcome == "completed":
+        charge_id: str | None = ctx.step_result["charge_id"]
+    else:
+        assert ctx.step_idempotency_key is not None
+        charge_id = _charge_made_with(ctx.step_idempotency_key)
+    if charge_id is None:
+        return {"refund_id": None, "charge_id": None}  # nothing was charged
     resp = _provider_call("/v1/refunds", {"charge_id": charge_id}, ctx.idempotency_key)
     if resp.status_code == 404:
         return {"refund_id": None, "charge_id": charge_id}
@@ -243,8 +266,18 @@ def _notify(order_id: str, kind: str, email: str) -> bool:
 
 
 def send_cancellation(ctx: StepContext) -> dict[str, Any]:
-    """An email cannot be unsent: tell the customer the order was cancelled after all."""
-    sent = _notify(_order_id(ctx), "cancellation", ctx.input["email"])
+    """An email cannot be unsent: tell the customer the order was cancelled after all, if the
+    receipt went out (when saga cannot know, the notifications table does)."""
+    order_id = _order_id(ctx)
+    if ctx.outcome != "completed":
+        with db().connect() as conn:
+            receipt = conn.execute(
+                text("SELECT 1 FROM notifications WHERE order_id = :o AND kind = 'receipt'"),
+                {"o": order_id},
+            ).first()
+        if receipt is None:
+            return {"sent": False}
+    sent = _notify(order_id, "cancellation", ctx.input["email"])
     return {"sent": sent}
 
 

@@ -207,6 +207,17 @@ async def create_refund(req: RefundIn, key: IdempotencyKey) -> JSONResponse:
     return _answer(key, 201, body)
 
 
+@app.get("/v1/charges")
+async def find_charge(idempotency_key: str) -> JSONResponse:
+    """The charge made with ``idempotency_key``, or 404: what a refund looks up when it cannot
+    know whether the charge went through (its answer was lost, or its worker died)."""
+    await _latency()
+    for charge in ledger.charges.values():
+        if charge.idempotency_key == idempotency_key:
+            return JSONResponse({"charge_id": charge.id, "amount_cents": charge.amount_cents})
+    return JSONResponse({"error": "no_such_charge"}, status_code=404)
+
+
 @app.get("/v1/summary")
 async def summary() -> dict[str, Any]:
     """Every charge, and per order: charges, refunds, declines and the net amount taken."""

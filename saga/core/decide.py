@@ -7,9 +7,7 @@ from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 
 from saga.core import graph
-
-STOPPING = ("compensating", "cancelling")
-END_WITHOUT_UNDO = {"compensating": "failed", "cancelling": "cancelled"}
+from saga.core.states import NOTHING_TO_UNDO_END, STOPPING
 
 
 @dataclass(frozen=True)
@@ -29,16 +27,21 @@ def decide_stop(
     after: Mapping[str, Iterable[str]],
     with_compensation: Set[str],
     running: Set[str],
-    completed: Set[str],
+    started: Set[str],
 ) -> StopDecision:
-    """Decide for a run in ``compensating``/``cancelling`` whose compensations have not begun."""
+    """Decide for a run in ``compensating``/``cancelling`` whose compensations have not begun.
+
+    Every step that ``started`` (any attempt of it began running its code: it completed, failed,
+    ran past its time limit or lost its worker) and has a compensation is undone: where the
+    engine cannot know that an effect did not happen, it assumes it did. Steps still
+    ``running`` are waited for first, so that nothing is undone while it may still be done."""
     if run_state not in STOPPING:
         raise ValueError(f"run in state {run_state!r} is not stopping")
     if running:
         return StopDecision(wait=True)
-    to_undo = set(completed) & set(with_compensation)
+    to_undo = set(started) & set(with_compensation)
     if not to_undo:
-        return StopDecision(end_state=END_WITHOUT_UNDO[run_state])
+        return StopDecision(end_state=NOTHING_TO_UNDO_END[run_state])
     plan = graph.compensation_plan({k: tuple(v) for k, v in after.items()}, to_undo)
     return StopDecision(compensations={s: len(w) for s, w in sorted(plan.items())})
 

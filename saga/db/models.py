@@ -143,7 +143,9 @@ class StepRun(Base):
 
 class OutboxMessage(Base):
     """A "step attempt is ready" message, written with the state change that made it ready and
-    deleted when a worker claims the attempt."""
+    deleted when a worker claims the attempt. A relay takes a batch by pushing its
+    ``available_at`` a little ahead (so a relay killed mid-batch leaves it due again), publishes
+    it outside any transaction, then sets ``published_at``."""
 
     __tablename__ = "outbox"
     __table_args__ = (
@@ -156,8 +158,8 @@ class OutboxMessage(Base):
             postgresql_where=text("published_at IS NULL"),
         ),
         Index(
-            "ix_outbox_published",
-            "published_at",
+            "ix_outbox_republish",
+            "republish_at",
             postgresql_where=text("published_at IS NOT NULL"),
         ),
     )
@@ -175,6 +177,10 @@ class OutboxMessage(Base):
     available_at: Mapped[datetime] = _now()
     published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     publish_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    republish_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """When a published message no worker has claimed is published again (backing off)."""
+    deferrals: Mapped[int] = mapped_column(Integer, server_default="0")
+    """How often workers without the run's workflow definition sent the message back."""
     trace_context: Mapped[Any | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _now()
 

@@ -1,37 +1,24 @@
-"""The state names the database constrains, in one place."""
+"""The state names the database constrains: those of the state machine (:mod:`saga.core.states`)
+and the history's events."""
 
 from __future__ import annotations
 
-RUN_STATES = (
-    "running",
-    "compensating",
-    "cancelling",
-    "completed",
-    "compensated",
-    "failed",
-    "cancelled",
-    "compensation_failed",
-    "resolved",
-)
-"""``running`` → ``completed``; on a permanent failure ``compensating`` → ``compensated`` (or
-``failed`` when nothing was to undo); on cancel ``cancelling`` → ``cancelled``; a compensation
-that fails for good → ``compensation_failed``, which waits for an operator, who may retry
-it or mark it ``resolved``."""
+from saga.core.states import KINDS as STEP_KINDS
+from saga.core.states import RUN_STATES, STEP_STATES
+
+__all__ = [
+    "HISTORY_EVENTS", "PROCESS_KINDS", "RUN_ACTIVE", "RUN_FINISHED", "RUN_STATES", "STEP_KINDS",
+    "STEP_STATES", "check_in",
+]
 
 RUN_ACTIVE = ("running", "compensating", "cancelling")
-
-STEP_STATES = ("waiting", "ready", "running", "completed", "failed", "skipped")
-"""A step (or compensation) row: ``waiting`` for dependencies, ``ready`` with a message in the
-outbox, ``running`` under a lease, then ``completed`` or ``failed``; ``skipped`` when the run
-stopped before it ran."""
-
-STEP_KINDS = ("step", "compensation")
 
 RUN_FINISHED = ("completed", "compensated", "failed", "cancelled", "resolved")
 """Finished run states: counted in ``run_counts`` and prunable by retention. A
 ``compensation_failed`` run is not finished: it waits for an operator."""
 
 PROCESS_KINDS = ("worker", "relay")
+"""What registers in ``processes``."""
 
 HISTORY_EVENTS = (
     "run_started",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection
@@ -27,7 +28,8 @@ ORDER BY created_at DESC LIMIT 2
 _BY_PREFIX = "SELECT * FROM {runs} WHERE id BETWEEN :low AND :high ORDER BY id LIMIT 2"
 _SET_STATE = """
 UPDATE {runs} SET state = :to, updated_at = now(),
-    error = coalesce(CAST(:error AS jsonb), error),
+    error = CASE WHEN :clear_error THEN NULL ELSE coalesce(CAST(:error AS jsonb), error) END,
+    result = CASE WHEN :clear_result THEN NULL ELSE result END,
     finished_at = CASE WHEN :finished THEN now() ELSE NULL END,
     steps_remaining = coalesce(:steps_remaining, steps_remaining),
     compensations_remaining = coalesce(:compensations_remaining, compensations_remaining)
@@ -35,6 +37,13 @@ WHERE id = :run_id AND state = ANY(:from_states)
 RETURNING state
 """
 
+
+_GATHER_RESULT = """
+UPDATE {runs} SET result = (
+    SELECT jsonb_object_agg(step, result) FROM {steps}
+    WHERE run_id = :run_id AND kind = 'step' AND state = 'completed' AND step = ANY(:sinks))
+WHERE id = :run_id
+"""
 
 _RESTART_DEADLINE = """
 UPDATE {runs} SET deadline_at = now() + make_interval(secs => CAST(:seconds AS float8))
@@ -52,6 +61,7 @@ class RunStore:
         self._by_prefix = tables.sql(_BY_PREFIX)
         self._set_state = tables.sql(_SET_STATE)
         self._restart_deadline = tables.sql(_RESTART_DEADLINE)
+        self._gather_result = tables.sql(_GATHER_RESULT)
 
     def lock(self, conn: Connection, run_id: str) -> Row | None:
         """The run's row, locked ``FOR UPDATE`` until the caller's transaction ends."""
@@ -101,21 +111,27 @@ class RunStore:
         self,
         conn: Connection,
         run_id: str,
-        from_states: list[str],
+        from_states: Sequence[str],
         to: str,
         *,
         finished: bool = False,
         error: str | None = None,
+        clear_error: bool = False,
+        clear_result: bool = False,
         steps_remaining: int | None = None,
         compensations_remaining: int | None = None,
     ) -> bool:
-        """Move the run to ``to`` if it is in one of ``from_states``; whether it moved."""
+        """Move the run to ``to`` if it is in one of ``from_states``; whether it moved.
+        ``error`` (JSON) replaces the run's error, ``clear_error`` removes it, ``clear_result``
+        removes the result gathered so far."""
         params: dict[str, Any] = {
             "run_id": run_id,
-            "from_states": from_states,
+            "from_states": list(from_states),
             "to": to,
             "finished": finished,
             "error": error,
+            "clear_error": clear_error,
+            "clear_result": clear_result,
             "steps_remaining": steps_remaining,
             "compensations_remaining": compensations_remaining,
         }
@@ -124,3 +140,7 @@ class RunStore:
     def restart_deadline(self, conn: Connection, run_id: str, seconds: float | None) -> None:
         """Give the run a new deadline ``seconds`` from now (none when ``None``)."""
         conn.execute(self._restart_deadline, {"run_id": run_id, "seconds": seconds})
+
+    def gather_result(self, conn: Connection, run_id: str, sinks: Sequence[str]) -> None:
+        """Set the run's result from its completed sink steps (after an operator's retry)."""
+        conn.execute(self._gather_result, {"run_id": run_id, "sinks": list(sinks)})

@@ -8,26 +8,22 @@ recovery (lease expiry, republishing lost messages) happens within a test's pati
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from kombu import Connection
 from sqlalchemy import create_engine, text
 
 import saga
 from saga import Settings
 from tests.support.procs import Supervisor
+from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,16 +36,16 @@ FINISHED = {"completed", "failed", "compensated", "compensation_failed", "cancel
 EXECUTIONS_DDL = """
 CREATE TABLE executions (
     id bigserial primary key, run_id uuid, kind text, step text, attempt int,
-    idempotency_key text, note text, at timestamptz default now())
+    idempotency_key text, note text, outcome text, at timestamptz default clock_timestamp())
 """
 
-def _relay_code(batch_size: int) -> str:
+def _relay_code(app: str, batch_size: int) -> str:
     return (
         "import logging, sys; "
         "logging.basicConfig(level=logging.INFO, "
         "format='[%(asctime)s: %(levelname)s/%(name)s] %(message)s'); "
         "from saga.relay import main; "
-        f"sys.exit(main({APP!r}, batch_size={batch_size}))"
+        f"sys.exit(main({app!r}, batch_size={batch_size}))"
     )
 
 
@@ -64,18 +60,30 @@ class System:
     supervisor: Supervisor
     engine: saga.Saga
     env: dict[str, str] = field(default_factory=dict)
+    app: str = APP
+    """The ``module:celery_app`` the worker and relay processes run."""
 
     # -- processes ---------------------------------------------------------------------------
 
-    def start_worker(self, name: str = "worker", concurrency: int = 2) -> int:
-        """Start ``celery worker`` on this test's queue and wait until it is ready."""
+    def start_worker(
+        self,
+        name: str = "worker",
+        concurrency: int = 2,
+        *,
+        queues: Sequence[str] = (),
+        pool: str | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> int:
+        """Start ``celery worker`` on this test's queue (or ``queues``) and wait until it is
+        ready. ``pool`` picks Celery's pool (``-P``); ``env`` is added to the system's."""
         argv = [
             str(BIN / "celery"),
             "-A",
-            "tests.apps.flows",
+            self.app.partition(":")[0],
             "worker",
             "-Q",
-            self.queue,
+            ",".join(queues or [self.queue]),
             "-c",
             str(concurrency),
             "--loglevel=INFO",
@@ -85,8 +93,11 @@ class System:
             "--without-mingle",
             "--without-heartbeat",
         ]
-        pid = self.supervisor.start(name, argv, env=self.env, cwd=REPO)
-        self.wait_ready(name)
+        if pool:
+            argv += ["-P", pool]
+        pid = self.supervisor.start(name, argv, env={**self.env, **(env or {})}, cwd=REPO)
+        if wait:
+            self.wait_ready(name)
         return pid
 
     def wait_ready(self, name: str, times: int = 1, timeout: float = 60) -> None:
@@ -98,10 +109,12 @@ class System:
             message=f"worker {name} did not become ready",
         )
 
-    def start_relay(self, name: str = "relay", batch_size: int = 200) -> int:
+    def start_relay(
+        self, name: str = "relay", batch_size: int = 200, env: dict[str, str] | None = None
+    ) -> int:
         """Start a relay (with its sweeper) and wait until it says it started."""
-        argv = [sys.executable, "-c", _relay_code(batch_size)]
-        pid = self.supervisor.start(name, argv, env=self.env, cwd=REPO)
+        argv = [sys.executable, "-c", _relay_code(self.app, batch_size)]
+        pid = self.supervisor.start(name, argv, env={**self.env, **(env or {})}, cwd=REPO)
         wait_until(
             lambda: "relay started" in self.supervisor.log(name),
             timeout=30,
@@ -177,9 +190,23 @@ def broker() -> str:
     return "redis"
 
 
+WorkflowsOf = Callable[[str], list[saga.Workflow]]
+"""Builds an app's workflows for a queue, as the test process must see them."""
+
+
+@pytest.fixture
+def system_app() -> tuple[str, WorkflowsOf]:
+    """The Celery app a system's processes run, and how the test process builds the same
+    workflows for the test's queue. A test module overrides it to run another app."""
+    from tests.apps import flows
+
+    return APP, flows.workflows
+
+
 @pytest.fixture
 def system(
     request: pytest.FixtureRequest,
+    system_app: tuple[str, WorkflowsOf],
     broker: str,
     db_url: str,
     redis_url: str,
@@ -212,15 +239,12 @@ def system(
     # The test process builds the same workflow definitions as its workers (same queue, so
     # the same definition hash). Importing the app module needs a database URL.
     monkeypatch.setenv("SAGA_DATABASE_URL", db_url)
-    from tests.apps import flows
-
-    registry = saga.Registry()
-    for wf in flows.workflows(queue):
-        registry.register(wf)
+    app, workflows_of = system_app
+    registry = saga.Registry(*workflows_of(queue))
     settings = Settings(lease_grace=LEASE_GRACE, republish_after=REPUBLISH_AFTER)
     engine = saga.Saga(registry, database_url=db_url, settings=settings)
     try:
-        yield System(broker, broker_url, queue, db_url, supervisor, engine, env)
+        yield System(broker, broker_url, queue, db_url, supervisor, engine, env, app=app)
     finally:
         supervisor.stop_all()
         engine.engine.dispose()
@@ -230,68 +254,6 @@ def system(
 
 
 # -- Redis outages ---------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A private Redis server on a port of its own (never the shared one), killed and started
-    again by its pid; it keeps nothing on disk, so a restart loses every message."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def up(self) -> bool:
-        """Whether the server answers PING."""
-        client = redis.Redis(
-            host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1
-        )
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def start(self) -> None:
-        """Start it (empty) and wait until it answers."""
-        if self._proc is not None and self._proc.poll() is None:
-            return
-        argv = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)]
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - the child keeps it
-        self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self.up, timeout=15, interval=0.1, message="private Redis did not start")
-
-    def kill(self) -> None:
-        """SIGKILL it: nothing is saved."""
-        if self._proc is not None and self._proc.poll() is None:
-            os.kill(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(10)
-        wait_until(lambda: not self.up(), timeout=10, message="Redis did not go down")
-
-    @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """Kill Redis for the duration of the block; it is started again (empty) whatever
-        happens."""
-        try:
-            self.kill()
-            yield
-        finally:
-            self.start()
-
-    def stop(self) -> None:
-        """Stop it for good."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(10)
 
 
 @pytest.fixture

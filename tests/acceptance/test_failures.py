@@ -25,7 +25,6 @@ from tests.support.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-BROKER_URL = "redis://127.0.0.1:6379/6"
 APP_MODULE = "tests.apps.compensating"
 LEASE_GRACE = 2
 REPUBLISH_AFTER = 5
@@ -136,8 +135,8 @@ class Cluster:
             return list(result.all()) if result.returns_rows else []
 
 
-def flush_broker() -> None:
-    client = redis.Redis.from_url(BROKER_URL)
+def flush_broker(url: str) -> None:
+    client = redis.Redis.from_url(url)
     try:
         client.flushdb()
     finally:
@@ -145,10 +144,10 @@ def flush_broker() -> None:
 
 
 @pytest.fixture
-def cluster(db_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
-    """A fresh database with ``executions`` and ``control`` tables, an empty broker, and an
-    engine for the test; start workers and the relay with :func:`running`."""
-    flush_broker()
+def cluster(db_url: str, redis_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
+    """A fresh database with ``executions`` and ``control`` tables, an empty broker (the tests'
+    own Redis database), and an engine for the test; start workers and the relay with
+    :func:`running`."""
     setup = create_engine(db_url)
     try:
         with setup.begin() as conn:
@@ -158,7 +157,7 @@ def cluster(db_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
         setup.dispose()
     env = {
         "SAGA_DATABASE_URL": db_url,
-        "SAGA_BROKER_URL": BROKER_URL,
+        "SAGA_BROKER_URL": redis_url,
         "SAGA_LEASE_GRACE": str(LEASE_GRACE),
         "SAGA_REPUBLISH_AFTER": str(REPUBLISH_AFTER),
         "PYTHONUNBUFFERED": "1",
@@ -170,7 +169,7 @@ def cluster(db_url: str, supervisor: Supervisor) -> Iterator[Cluster]:
     finally:
         supervisor.stop_all()
         engine.engine.dispose()
-        flush_broker()
+        flush_broker(redis_url)
 
 
 def running(cluster: Cluster, workers: int = 2) -> Cluster:
@@ -209,7 +208,7 @@ def names(rows: Sequence[dict[str, Any]]) -> list[str]:
 # -- 1. compensation order -------------------------------------------------------------------
 
 
-def test_a_diamond_whose_last_step_fails_undoes_both_branches_before_the_first_step(
+def test_a_diamond_whose_last_step_fails_undoes_it_then_both_branches_then_the_first_step(
     cluster: Cluster,
 ) -> None:
     running(cluster)
@@ -226,27 +225,35 @@ def test_a_diamond_whose_last_step_fails_undoes_both_branches_before_the_first_s
         "c": "completed",
         "d": "failed",
     }
+    # Every step that started is undone, the failed one too (its code may have had part of
+    # its effect), each exactly once.
     assert {s: r["state"] for s, r in steps_of(run, "compensation").items()} == {
         "a": "completed",
         "b": "completed",
         "c": "completed",
+        "d": "completed",
     }
-    # Each compensation ran exactly once, and only completed steps were undone.
     starts = cluster.executions(run_id, kind="compensation", note="start")
     ends = {r["step"]: r for r in cluster.executions(run_id, kind="compensation", note="end")}
-    assert sorted(names(starts)) == ["a", "b", "c"]
-    assert sorted(ends) == ["a", "b", "c"]
+    assert sorted(names(starts)) == ["a", "b", "c", "d"]
+    assert sorted(ends) == ["a", "b", "c", "d"]
     assert [r["step"] for r in cluster.executions(run_id, kind="step")].count("d") == 1
-    # a's compensation started only after b's and c's had finished: in the executions ...
-    a_start = next(r for r in starts if r["step"] == "a")
-    assert a_start["id"] > ends["b"]["id"] and a_start["id"] > ends["c"]["id"]
-    assert a_start["at"] >= max(ends["b"]["at"], ends["c"]["at"])
+    # d's compensation came first, a's only after b's and c's had finished: in the
+    # executions ...
+    first_start = {r["step"]: r for r in reversed(starts)}
+    for branch in ("b", "c"):
+        assert first_start[branch]["id"] > ends["d"]["id"]
+    assert first_start["a"]["id"] > ends["b"]["id"] and first_start["a"]["id"] > ends["c"]["id"]
+    assert first_start["a"]["at"] >= max(ends["b"]["at"], ends["c"]["at"])
     # ... and in the history.
     a_started = history_id(run, "step_started", "compensation", "a")
     for branch in ("b", "c"):
         assert history_id(run, "step_completed", "compensation", branch) < a_started
-    assert history_id(run, "step_failed", "step", "d") < min(
-        history_id(run, "step_started", "compensation", s) for s in ("b", "c")
+        assert history_id(run, "step_completed", "compensation", "d") < history_id(
+            run, "step_started", "compensation", branch
+        )
+    assert history_id(run, "step_failed", "step", "d") < history_id(
+        run, "step_started", "compensation", "d"
     )
     assert events(run, "run_compensated")[-1]["id"] == run["history"][-1]["id"]
 
@@ -288,8 +295,10 @@ def test_a_step_whose_retries_run_out_fails_and_the_run_is_compensated(cluster: 
     )
     assert "attempt 3" in steps["second"]["error"]["message"]
     assert run["error"]["step"] == "second"
-    # Only the completed step is undone; the failed one has nothing to undo.
-    assert names(cluster.executions(run_id, kind="compensation", note="end")) == ["first"]
+    # The failed step is undone too (a failed attempt may have had its effect), then first.
+    assert names(cluster.executions(run_id, kind="compensation", note="end")) == [
+        "second", "first",
+    ]
     assert cluster.executions(run_id, step="third") == []
 
 
@@ -309,7 +318,7 @@ def test_a_compensation_that_fails_twice_then_succeeds_still_compensates_the_run
     assert [r["attempt"] for r in undo_second] == [1, 2, 3]
     assert len({r["idempotency_key"] for r in undo_second}) == 1
     ends = cluster.executions(run_id, kind="compensation", note="end")
-    assert names(ends) == ["second", "first"]
+    assert names(ends) == ["third", "second", "first"]
     assert len(cluster.executions(run_id, kind="compensation", step="first")) == 2  # start, end
 
 
@@ -340,7 +349,9 @@ def test_a_compensation_failing_for_good_waits_for_an_operator_whose_retry_compe
     undo_second = cluster.executions(run_id, kind="compensation", step="second", note="start")
     assert len(undo_second) == 2
     assert len({r["idempotency_key"] for r in undo_second}) == 1
-    assert names(cluster.executions(run_id, kind="compensation", note="end")) == ["second", "first"]
+    assert names(cluster.executions(run_id, kind="compensation", note="end")) == [
+        "third", "second", "first",
+    ]
     assert len(events(cluster.run(run_id), "operator_retry")) == 1
 
 
@@ -484,7 +495,9 @@ def test_a_worker_killed_during_a_compensation_still_ends_compensated_undoing_ea
     assert [r["attempt"] for r in undo_second] == [1, 2]
     assert len({r["idempotency_key"] for r in undo_second}) == 1
     # Completed compensations are recorded once; the killed one completed once, on its retry.
-    assert names(cluster.executions(run_id, kind="compensation", note="end")) == ["second", "first"]
+    assert names(cluster.executions(run_id, kind="compensation", note="end")) == [
+        "third", "second", "first",
+    ]
     assert len(cluster.executions(run_id, kind="compensation", step="first", note="start")) == 1
     assert [
         names(cluster.executions(run_id, kind="step")).count(s) for s in ("first", "second")

@@ -97,7 +97,10 @@ linear, fan, linear_quick, fan_quick, legacy = workflows()
 for _wf in (linear, fan, linear_quick, fan_quick, legacy):
     registry.register(_wf)
 
-engine = saga.Saga(registry, database_url=os.environ["SAGA_DATABASE_URL"])
+engine = saga.Saga(
+    registry,
+    database_url=os.environ.get("SAGA_DATABASE_URL", "postgresql://saga-not-configured/none"),
+)
 app = Celery("saga-tests", broker=os.environ.get("SAGA_BROKER_URL", "redis://127.0.0.1:6379/5"))
 saga.install(app, engine)
 

@@ -48,7 +48,8 @@ def db_template() -> Iterator[str]:
 
 class Script:
     """What the steps do in one test: ``fail[(kind, step)]`` is ``"permanent"``/``"always"``
-    while set; ``during[(kind, step)]`` is called inside that code; ``ran`` counts executions."""
+    while set; ``during[(kind, step)]`` is called inside that code; ``ran`` counts executions;
+    ``outcomes`` keeps what each compensation was told of the step it undoes."""
 
     def __init__(self) -> None:
         self.reset()
@@ -57,10 +58,13 @@ class Script:
         self.fail: dict[tuple[str, str], str] = {}
         self.during: dict[tuple[str, str], Callable[[], object]] = {}
         self.ran: Counter[tuple[str, str]] = Counter()
+        self.outcomes: dict[str, str | None] = {}
 
     def __call__(self, ctx: StepContext) -> Any:
         key = (ctx.kind, ctx.step)
         self.ran[key] += 1
+        if ctx.is_compensation:
+            self.outcomes[ctx.step] = ctx.outcome
         if key in self.during:
             self.during.pop(key)()
         how = self.fail.get(key)
@@ -88,11 +92,11 @@ def make_workflows() -> list[Workflow]:
     undoable.add_step("a", _act, compensate=_act)
     undoable.add_step("b", _act, after=["a"], compensate=_act)
 
-    diamond = Workflow("lc.diamond", retry=NOW)
+    diamond = Workflow("lc.diamond", retry=NOW)  # d, which fails in tests, has nothing to undo
     diamond.add_step("a", _act, compensate=_act)
     diamond.add_step("b", _act, after=["a"], compensate=_act)
     diamond.add_step("c", _act, after=["a"], compensate=_act)
-    diamond.add_step("d", _act, after=["b", "c"], compensate=_act)
+    diamond.add_step("d", _act, after=["b", "c"])
     return [plain, undoable, diamond]
 
 
@@ -338,7 +342,7 @@ def test_cancelling_a_run_before_anything_ran_ends_it_cancelled_with_nothing_to_
     assert lc.get_run(run_id)["error"] == {"type": "cancelled", "message": "not needed"}
 
 
-def test_a_cancelled_run_undoes_only_what_completed(lc: Saga) -> None:
+def test_a_cancelled_run_undoes_only_what_started(lc: Saga) -> None:
     broker = Broker(lc)
     run_id = lc.start_now("lc.undoable", {}).run_id
     broker.one("step", "a")
@@ -347,6 +351,33 @@ def test_a_cancelled_run_undoes_only_what_completed(lc: Saga) -> None:
     assert state(lc, run_id) == "cancelled"
     assert SCRIPT.ran == Counter({("step", "a"): 1, ("compensation", "a"): 1})
     assert step_states(lc, run_id) == {"a": "completed", "b": "skipped"}
+
+
+def test_a_step_that_failed_for_good_is_undone_first_as_failed(lc: Saga) -> None:
+    broker = Broker(lc)
+    SCRIPT.fail[("step", "b")] = "permanent"
+    run_id = lc.start_now("lc.undoable", {}).run_id
+    broker.drain()
+    assert state(lc, run_id) == "compensated"
+    # Its code raised, perhaps after part of its effect: it is undone, and told so.
+    assert SCRIPT.outcomes == {"b": "failed", "a": "completed"}
+    completed = events(lc, run_id, "step_completed")
+    undone = [h["step"] for h in completed if h["kind"] == "compensation"]
+    assert undone == ["b", "a"]
+
+
+def test_a_step_that_failed_and_waits_for_a_retry_when_the_run_stops_is_undone(lc: Saga) -> None:
+    broker = Broker(lc)
+    SCRIPT.fail[("step", "b")] = "always"
+    run_id = lc.start_now("lc.undoable", {}).run_id
+    broker.one("step", "a")
+    assert broker.one("step", "b") == "retry_scheduled"
+    assert lc.cancel(run_id) == "cancelling"
+    broker.drain()
+    assert state(lc, run_id) == "cancelled"
+    assert step_states(lc, run_id) == {"a": "completed", "b": "skipped"}
+    assert SCRIPT.ran[("step", "b")] == 1
+    assert SCRIPT.outcomes == {"b": "failed", "a": "completed"}
 
 
 # -- operator retry of failed compensations --------------------------------------------------

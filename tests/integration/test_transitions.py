@@ -12,9 +12,8 @@ from sqlalchemy.orm import Session
 from saga import InputError, Saga, UnknownWorkflowError
 from saga.codec import dumps
 from saga.core import graph
-from saga.starting import route
+from saga.core.attempts import AttemptRef
 from saga.testing import drain
-from saga.transitions import AttemptRef
 
 
 def count(saga: Saga, sql: str, **params: Any) -> int:
@@ -28,15 +27,31 @@ def outbox(saga: Saga) -> list[tuple[str, str, int]]:
         return [(r[0], r[1], r[2]) for r in rows]
 
 
-def claim(saga: Saga, run_id: str, step: str, attempt: int = 1, deps: tuple[str, ...] = ()) -> Any:
+TOKEN = "test:claim"
+
+
+def claim(
+    saga: Saga,
+    run_id: str,
+    step: str,
+    attempt: int = 1,
+    deps: tuple[str, ...] = (),
+    token: str = TOKEN,
+) -> Any:
+    """Claim the attempt as a worker would; ``None`` unless it was claimed."""
+    wf = saga.registry.get(saga.get_run(run_id)["workflow"])
     with saga.autocommit() as conn:
-        return saga.transitions.claim(
+        found = saga.transitions.claim(
             conn,
             AttemptRef(run_id, "step", step, attempt),
+            workflow=wf.name,
+            version=wf.version,
+            definition_hash=wf.definition_hash,
             deps=deps,
             lease_seconds=30,
-            worker="test",
+            token=token,
         )
+    return found if found is not None and found.claimed else None
 
 
 def complete(saga: Saga, run_id: str, step: str, result: Any, attempt: int = 1) -> Any:
@@ -47,9 +62,10 @@ def complete(saga: Saga, run_id: str, step: str, result: Any, attempt: int = 1) 
             conn,
             AttemptRef(run_id, "step", step, attempt),
             dumps(result),
+            token=TOKEN,
             release=release,
-            routes=[route(wf, s) for s in release],
-            sinks=graph.sinks(wf.after_map),
+            routes=[wf.route(s) for s in release],
+            sink=not release,
         )
 
 
@@ -169,15 +185,41 @@ def test_a_stale_or_duplicate_completion_changes_nothing(saga_engine: Saga) -> N
     run_id = saga_engine.start_now("it.linear", {}).run_id
     assert complete(saga_engine, run_id, "a", 1) is None, "not claimed yet"
     claim(saga_engine, run_id, "a")
-    assert claim(saga_engine, run_id, "a") is None, "a second claim of one attempt"
+    assert claim(saga_engine, run_id, "a", token="other") is None, "a second claim of one attempt"
     assert complete(saga_engine, run_id, "a", 1, attempt=2) is None, "wrong attempt"
     assert complete(saga_engine, run_id, "a", 1) is not None
-    assert complete(saga_engine, run_id, "a", 99) is None, "already completed"
+    assert complete(saga_engine, run_id, "a", 99, attempt=2) is None, "already completed"
     run = saga_engine.get_run(run_id)
     a = next(s for s in run["steps"] if s["step"] == "a")
     assert a["result"] == 1
     assert [h["event"] for h in run["history"]].count("step_completed") == 1
     assert outbox(saga_engine) == [("b", "step", 1)]
+
+
+def test_a_claim_run_again_after_its_reply_was_lost_finds_its_own_claim(
+    saga_engine: Saga,
+) -> None:
+    run_id = saga_engine.start_now("it.linear", {}).run_id
+    assert claim(saga_engine, run_id, "a", token="worker-1:x") is not None
+    again = claim(saga_engine, run_id, "a", token="worker-1:x")
+    assert again is not None and again.claimed, "the same execution's claim is its own"
+    assert claim(saga_engine, run_id, "a", token="worker-2:y") is None
+    assert count(saga_engine, "SELECT count(*) FROM saga.history WHERE event = 'step_started'") == 1
+
+
+def test_a_completion_run_again_after_its_reply_was_lost_returns_what_it_made_ready(
+    saga_engine: Saga,
+) -> None:
+    run_id = saga_engine.start_now("it.diamond", {}).run_id
+    claim(saga_engine, run_id, "a")
+    first = complete(saga_engine, run_id, "a", "a")
+    assert first.ready == ("b", "c") and not first.replayed
+    again = complete(saga_engine, run_id, "a", "a")
+    assert again is not None and again.replayed
+    assert again.ready == ("b", "c")
+    assert [q["attempt"] for q in again.queued] == [1, 1]
+    completions = "SELECT count(*) FROM saga.history WHERE event = 'step_completed'"
+    assert count(saga_engine, completions) == 1
 
 
 def test_a_fifty_way_join_completed_from_fifty_connections_is_ready_exactly_once(
@@ -202,9 +244,10 @@ def test_a_fifty_way_join_completed_from_fifty_connections_is_ready_exactly_once
                         conn,
                         AttemptRef(run_id, "step", step, 1),
                         "{}",
+                        token=TOKEN,
                         release=["join"],
-                        routes=[route(wf, "join")],
-                        sinks=["join"],
+                        routes=[wf.route("join")],
+                        sink=False,
                     )
                 )
         except BaseException as exc:  # pragma: no cover - surfaced below
@@ -277,7 +320,7 @@ def test_the_history_is_append_only(saga_engine: Saga) -> None:
         conn.execute(text("UPDATE saga.history SET event = 'run_completed'"))
 
 
-def test_a_definition_changed_under_a_running_run_is_detected_not_mixed(
+def test_a_worker_with_another_definition_sends_the_message_back_and_runs_nothing(
     saga_engine: Saga, db_url: str
 ) -> None:
     from saga import Registry, Workflow
@@ -295,12 +338,34 @@ def test_a_definition_changed_under_a_running_run_is_detected_not_mixed(
         "step": "a",
         "attempt": 1,
     }
-    assert Executor(other).execute(body) == "failed"
+    assert Executor(other).execute(body) == "deferred"
     run = saga_engine.get_run(run_id)
-    assert run["state"] == "failed"
-    assert "changed under this run" in run["error"]["message"]
+    assert run["state"] == "running"
     a = next(s for s in run["steps"] if s["step"] == "a")
-    assert a["result"] is None, "the changed code did not run"
+    assert (a["state"], a["result"]) == ("ready", None), "the changed code did not run"
+    with saga_engine.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT deferrals, published_at, available_at > now() FROM saga.outbox")
+        ).one()
+    assert (row[0], row[1], row[2]) == (1, None, True), "back to the relay, a little later"
+    # A worker with the run's definition runs it.
+    assert Executor(saga_engine).execute(body) == "completed"
+
+
+def test_a_worker_without_the_runs_version_sends_the_message_back(saga_engine: Saga) -> None:
+    from saga.executor import Executor
+
+    run_id = saga_engine.start_now("it.linear", {}).run_id
+    body = {"run_id": run_id, "workflow": "it.linear", "version": 7, "kind": "step",
+            "step": "a", "attempt": 1}
+    assert Executor(saga_engine).execute(body) == "deferred"
+    body |= {"version": 1, "definition": "0" * 16}  # this version, but another graph
+    assert Executor(saga_engine).execute(body) == "deferred"
+    assert saga_engine.get_run(run_id)["state"] == "running"
+    with saga_engine.engine.connect() as conn:
+        assert conn.execute(text("SELECT deferrals FROM saga.outbox")).scalar() == 2
+    body["attempt"] = 2  # no such message was ever sent
+    assert Executor(saga_engine).execute(body) == "duplicate"
 
 
 def test_a_business_key_that_looks_like_a_uuid_still_finds_its_run(saga_engine: Saga) -> None:
@@ -354,18 +419,3 @@ def test_when_an_eager_publish_fails_the_relay_gets_the_messages_back(saga_engin
             text("SELECT step FROM saga.outbox WHERE published_at IS NULL ORDER BY step")
         ).scalars().all()
     assert rows == ["b", "c"]
-
-
-def test_the_sweeper_stores_the_result_a_dead_worker_did_not(saga_engine: Saga) -> None:
-    from saga.sweeper import Sweeper
-
-    run_id = saga_engine.start_now("it.linear", {}).run_id
-    drain(saga_engine)
-    with saga_engine.engine.begin() as conn:  # as if the worker died after the last completion
-        conn.execute(
-            text("UPDATE saga.runs SET finished_at = NULL, result = NULL, "
-                 "updated_at = now() - interval '1 minute'")
-        )
-    assert Sweeper(saga_engine).advance_stalled() == 1
-    run = saga_engine.get_run(run_id)
-    assert run["result"] == {"c": 3} and run["finished_at"] is not None
