@@ -188,21 +188,25 @@ def list_runs(conn: Connection, tables: Tables, f: ListFilter) -> list[Row]:
     return [dict(r) for r in conn.execute(tables.sql(sql), params).mappings()]
 
 
-_WAITING_BY_QUEUE = """
+# An attempt waits for a worker from the moment its outbox row is due until a worker claims
+# it (the claim deletes the row): a published row (its due time is then only the relay's hold
+# on it), a due unpublished one, or one a worker without the run's definition deferred.
+WAITING = "(published_at IS NOT NULL OR available_at <= now() OR deferrals > 0)"
+_WAITING_BY_QUEUE = f"""
 SELECT queue, count(*) AS messages,
-       EXTRACT(EPOCH FROM (now() - min(available_at)))::float8 AS oldest_seconds
-FROM {outbox} WHERE available_at <= now()
+       EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS oldest_seconds
+FROM {{outbox}} WHERE {WAITING}
 GROUP BY queue ORDER BY queue
 """
 # The runs of the oldest :cap waiting attempts (stuck ones are the oldest), one primary-key
 # probe each (OFFSET 0 keeps the planner from turning the probes into a scan of every run).
-_WAITING_BY_DEFINITION = """
+_WAITING_BY_DEFINITION = f"""
 SELECT r.workflow, r.version, r.definition_hash, count(*) AS runs
 FROM (SELECT DISTINCT run_id FROM (
-          SELECT run_id FROM {outbox} WHERE available_at <= now()
-          ORDER BY available_at LIMIT :cap) oldest) o
+          SELECT run_id FROM {{outbox}} WHERE {WAITING}
+          ORDER BY created_at LIMIT :cap) oldest) o
 CROSS JOIN LATERAL (
-    SELECT workflow, version, definition_hash FROM {runs} WHERE id = o.run_id OFFSET 0) r
+    SELECT workflow, version, definition_hash FROM {{runs}} WHERE id = o.run_id OFFSET 0) r
 GROUP BY r.workflow, r.version, r.definition_hash ORDER BY r.workflow, r.version
 """
 WAITING_SAMPLE = 1000
