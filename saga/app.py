@@ -16,8 +16,10 @@ from sqlalchemy.orm import Session
 
 from saga import faults, telemetry
 from saga.definition import Workflow
+from saga.dispatch import Dispatcher
 from saga.errors import SagaError
 from saga.lifecycle import Lifecycle
+from saga.messages import Publisher
 from saga.registry import Registry
 from saga.settings import Settings
 from saga.starting import Started, Starter
@@ -65,7 +67,11 @@ class Saga:
         self.settings = settings or Settings.from_env()
         if engine is None:
             url = normalize_url(database_url) if database_url else database_url_from_env()
-            engine = create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+            # No pre-ping: it is a round trip (and a transaction PostgreSQL counts) on every
+            # checkout, and the hot path takes a connection per statement. A connection found
+            # dead is retried once on a fresh one instead (see ``on_hot_path``), and
+            # SQLAlchemy then renews the whole pool.
+            engine = create_engine(url, pool_size=5, max_overflow=5)
         self.engine = engine
         # Shares the engine's pool; every connection it hands out is in autocommit.
         self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -73,6 +79,9 @@ class Saga:
         self.transitions = Transitions(self.tables)
         self.lifecycle = Lifecycle(self.tables, registry)
         self._starter = Starter(self.tables, self.settings)
+        self.dispatcher: Dispatcher | None = None
+        """Publishes what starts and completions make ready after their commit (set by
+        :meth:`use_publisher`); without one, the relay publishes everything."""
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -93,14 +102,29 @@ class Saga:
             if isinstance(workflow, str)
             else self.registry.register(workflow)
         )
-        return self._starter.start(
-            target, wf, input, key=key, trace_context=telemetry.capture_context()
+        trace = telemetry.capture_context()
+        prompt = self.dispatcher is not None and isinstance(target, Session)
+        started = self._starter.start(
+            target, wf, input, key=key, trace_context=trace, published=prompt
         )
+        if prompt and started.created:
+            assert self.dispatcher is not None and isinstance(target, Session)
+            self.dispatcher.after_commit(target, wf, started.run_id, trace)
+        return started
 
     def start_now(self, workflow: Workflow | str, input: Any, *, key: str | None = None) -> Started:
-        """Start a run in a transaction of its own (for scripts and tests)."""
-        with self.engine.begin() as conn:
-            return self.start(conn, workflow, input, key=key)
+        """Start a run in a transaction of its own (for scripts and tests); its first steps
+        go out as soon as it commits."""
+        with Session(self.engine) as session, session.begin():
+            return self.start(session, workflow, input, key=key)
+
+    def use_publisher(self, make_publisher: Callable[[], Publisher]) -> None:
+        """Publish the messages this engine's starts (in a Session, or ``start_now``) and
+        completions make ready right after their commit, with a publisher from
+        ``make_publisher`` (:func:`saga.install` calls this with the Celery app's); the relay
+        stays the fallback. Off with ``Settings(eager_dispatch=False)``."""
+        if self.settings.eager_dispatch:
+            self.dispatcher = Dispatcher(self, make_publisher)
 
     # -- operator actions --------------------------------------------------------------------
 
@@ -146,26 +170,40 @@ class Saga:
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    def on_hot_path(self, name: str, statement: Callable[[Connection], T]) -> T:
-        """Run one guarded hot-path statement (``name``: ``claim`` or ``complete``) on an
-        autocommit connection of the engine's pool, held only for the statement.
+    def on_hot_path(
+        self, name: str, statement: Callable[[Connection], T], *, transaction: bool = False
+    ) -> T:
+        """Run guarded hot-path statements (``name``: ``claim`` or ``complete``) on a
+        connection of the engine's pool, held only for them: one statement in autocommit, or
+        with ``transaction`` several in one transaction (a completion and the claim of the
+        step it chains).
 
         Holding nothing while a step's code runs keeps the pool free for that code and for the
-        slow path. If the connection turns out to be dead, the statement runs once more on a
-        fresh one: claims and completions are guarded and replayable, so a retry of one that
-        did commit finds what it did."""
+        slow path. If the connection turns out to be dead, the statements run once more on a
+        fresh one: claims and completions are guarded and replayable, so a retry of what did
+        commit finds what it did."""
         for attempt in (1, 2):
             try:
+                if transaction:
+                    with self.engine.connect() as conn:
+                        with conn.begin():
+                            result = statement(conn)
+                        self._maybe_lose_reply(conn, name, attempt)
+                        return result
                 with self._autocommit_engine.connect() as conn:
                     result = statement(conn)
-                    if attempt == 1 and faults.armed("hot_path.reply_lost", name):
-                        faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
-                        result = statement(conn)  # fails: the reply is lost
+                    self._maybe_lose_reply(conn, name, attempt)
                     return result
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _maybe_lose_reply(conn: Connection, name: str, attempt: int) -> None:
+        if attempt == 1 and faults.armed("hot_path.reply_lost", name):
+            faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
+            conn.exec_driver_sql("SELECT 1")  # fails: as if the reply had been lost
 
     def connect_raw(self, timeout: float = 5.0) -> psycopg.Connection[Any]:
         """A psycopg connection of its own, outside the engine's pool, in autocommit: for a
@@ -180,6 +218,17 @@ class Saga:
         belong to the parent)."""
         self.engine.dispose(close=False)
 
+    def in_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a transaction of its own, once more on a fresh connection if the
+        first turned out to be dead (for the slow path's guarded, idempotent transitions)."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _in_tx(self, fn: Callable[[Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
+        return self.in_transaction(fn)

@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from saga.codec import dumps, encode
-from saga.core import graph
+from saga.codec import check_storable, dumps, encode
 from saga.definition import Workflow
+from saga.errors import InputError
 from saga.settings import Settings
 from saga.store.base import Tables
 
@@ -30,8 +30,12 @@ WITH run AS (
            CASE WHEN x.pending = 0 THEN 1 ELSE 0 END, 1, x.pending
     FROM run, jsonb_to_recordset(CAST(:steps AS jsonb)) AS x(step text, pending int)
 ), queued AS (
-    INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context)
-    SELECT run.id, 'step', x.step, 1, x.queue, x.priority, x.time_limit, CAST(:trace AS jsonb)
+    -- Written as published when the caller publishes them itself after its commit.
+    INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
+                          published_at, publish_count, republish_at)
+    SELECT run.id, 'step', x.step, 1, x.queue, x.priority, x.time_limit, CAST(:trace AS jsonb),
+           CASE WHEN :published THEN now() END, CASE WHEN :published THEN 1 ELSE 0 END,
+           CASE WHEN :published THEN now() + make_interval(secs => :republish_after) END
     FROM run, jsonb_to_recordset(CAST(:roots AS jsonb))
          AS x(step text, queue text, priority int, time_limit float8)
 ), logged AS (
@@ -72,14 +76,21 @@ class Starter:
         *,
         key: str | None = None,
         trace_context: dict[str, str] | None = None,
+        published: bool = False,
     ) -> Started:
         """Start ``workflow`` with ``input`` in the transaction of ``target`` (the caller's
-        Session or Connection); nothing is committed here, so a rollback leaves nothing."""
+        Session or Connection); nothing is committed here, so a rollback leaves nothing.
+        With ``published`` the first steps' messages are written as published: the caller
+        publishes them after its commit (see :mod:`saga.dispatch`). Input and key are checked
+        before anything is sent to the database: one that cannot be stored raises
+        :class:`~saga.errors.InputError` and leaves the caller's transaction as it was."""
         input_json = encode(
             input, workflow=workflow.name, field="input", limit=self._settings.max_input_bytes
         )
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-            raise ValueError(f"workflow {workflow.name!r}: key must be a string of 1-200 chars")
+        if key is not None:
+            if not isinstance(key, str) or not key or len(key) > 200:
+                raise InputError(workflow.name, "key", "must be a string of 1-200 characters")
+            check_storable(key, workflow=workflow.name, field="key")
         after = workflow.after_map
         conn = target.connection() if isinstance(target, Session) else target
         params = {
@@ -93,7 +104,9 @@ class Starter:
             "n_steps": len(after),
             "deadline": workflow.deadline,
             "steps": dumps([{"step": s, "pending": len(d)} for s, d in after.items()]),
-            "roots": dumps([workflow.route(s) for s in graph.roots(after)]),
+            "roots": dumps([workflow.route(s) for s in workflow.roots]),
+            "published": published,
+            "republish_after": self._settings.republish_after,
         }
         run_id = conn.execute(self._start, params).scalar()
         if run_id is not None:

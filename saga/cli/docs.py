@@ -161,8 +161,8 @@ def _step_doc(row: Row, now: datetime) -> dict[str, Any]:
         "worker": row["worker"],
         "lease_expires_at": row["lease_expires_at"],
         "due_at": row["due_at"],
-        "error": message,
-        "last_error": error,
+        "error_message": message,
+        "error": error,
         "result": row["result"],
     }
 
@@ -213,6 +213,9 @@ def run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
             "finished_at": run["finished_at"],
             "duration_seconds": between(run["created_at"], run["finished_at"], now),
             "deadline_at": run["deadline_at"],
+            "error_message": (
+                run["error"].get("message") if isinstance(run["error"], dict) else run["error"]
+            ),
             "error": run["error"],
             "input": run["input"],
             "result": run["result"],

@@ -16,6 +16,9 @@ from saga.cli.output import Output, between, fmt_duration, fmt_time, one_line
 from saga.db.states import RUN_STATES
 from saga.presence import STALE_AFTER
 
+MAX_PAGE = 1_000_000
+"""The highest ``--page`` (deeper pages are cheaper to reach with ``--before``)."""
+
 
 @click.command()
 @click.argument("run", required=False)
@@ -173,7 +176,7 @@ def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
             [
                 [s["step"], s["state"], s["attempt"], fmt_time(s["started_at"]),
                  fmt_duration(s["duration_seconds"]),
-                 _bounded(s["result"], full, 40), one_line(s["error"] or "-", 60)]
+                 _bounded(s["result"], full, 40), one_line(s["error_message"] or "-", 60)]
                 for s in rows
             ],
             state_column=1,
@@ -237,7 +240,9 @@ def _cursor(
     "--before", callback=_cursor, metavar="CURSOR",
     help="Rows older than this cursor: a created_at (ISO 8601), optionally ',<run id>'.",
 )
-@click.option("--page", type=click.IntRange(min=1), help="Page number (slower than --before).")
+@click.option(
+    "--page", type=click.IntRange(1, MAX_PAGE), help="Page number (slower than --before)."
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @json_option
 @db_options
