@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from saga import faults, telemetry
 from saga.definition import Workflow
 from saga.dispatch import Dispatcher
-from saga.errors import SagaError, UnknownRunError
+from saga.errors import SagaError
 from saga.lifecycle import Lifecycle
 from saga.messages import Publisher
 from saga.registry import Registry
@@ -150,13 +150,8 @@ class Saga:
     # -- reading -----------------------------------------------------------------------------
 
     def resolve_run(self, conn: Connection, ref: str) -> str:
-        """The id of the run whose id or business key is ``ref``."""
-        found = self.lifecycle.runs.find(conn, ref)
-        if not found:
-            raise UnknownRunError(f"no run with id or key {ref!r}")
-        if len(found) > 1:
-            raise UnknownRunError(f"key {ref!r} names runs of several workflows; use the run id")
-        return str(found[0]["id"])
+        """The id of the run whose id, business key or unique id prefix is ``ref``."""
+        return str(self.lifecycle.runs.find_one(conn, ref)["id"])
 
     def get_run(self, ref: str) -> Row:
         """The run's row, with its ``steps`` and ``history`` (for tests and tools)."""

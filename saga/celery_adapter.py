@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import threading
 import time
 import uuid
 import weakref
@@ -24,6 +25,7 @@ from saga.context import JSON
 from saga.errors import SagaError
 from saga.executor import Executor
 from saga.messages import Envelope
+from saga.presence import Presence, beat_in_thread
 
 log = logging.getLogger("saga.celery")
 TASK_NAME = "saga.execute"
@@ -103,7 +105,36 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
             # Celery logs and swallows an Exception raised by a signal handler.
             raise SystemExit(f"saga: {refusal}")
 
+    _register_worker(app, saga)
     return app
+
+
+def _register_worker(app: Celery, saga: Saga) -> None:
+    """Put the worker in the registry of live processes once it is ready (with the queues it
+    consumes), beat it from a thread of its own, and remove it when the worker shuts down."""
+    running: dict[str, Any] = {}
+
+    @signals.worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _ready(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        consumer = getattr(sender, "task_consumer", None)
+        queues = [q.name for q in getattr(consumer, "queues", None) or []]
+        if not queues:
+            worker_app: Any = sender.app
+            queues = list(worker_app.amqp.queues.consume_from or ())
+        presence = Presence(saga, "worker", name=str(sender.hostname), queues=queues)
+        presence.register()
+        stopping = threading.Event()
+        beat_in_thread(presence, stopping)
+        running.update(presence=presence, stopping=stopping)
+
+    @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _shutdown(**_: Any) -> None:
+        presence = running.pop("presence", None)
+        if presence is not None:
+            running.pop("stopping").set()
+            presence.remove()
 
 
 def consumed_queues(app: Celery) -> frozenset[str]:

@@ -13,7 +13,8 @@ Instruments (attributes in brackets):
 - ``saga.outbox.backlog`` gauge: due messages not yet published [schema, queue]
 - ``saga.outbox.oldest_age`` gauge, seconds: how long the oldest of them has been due
   [schema, queue]
-- ``saga.runs`` gauge: runs in each state [schema, workflow, state]
+- ``saga.runs`` gauge: runs in each state [schema, workflow, state], read from the counters
+  of :mod:`saga.store.counts` (a few small rows and index probes, not a count of every run)
 
 The gauges query the database, and only when a reader collects them (say once a minute), never
 on the hot path, for the engines handed to :func:`observe` (the relay observes its own).
@@ -25,12 +26,15 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
+from sqlalchemy import Connection
+
+from saga.store import counts
 
 if TYPE_CHECKING:
     from saga.app import Saga
@@ -101,7 +105,6 @@ SELECT queue, count(*) AS n,
 FROM {outbox} WHERE published_at IS NULL AND available_at <= now()
 GROUP BY queue
 """
-_RUNS = "SELECT workflow, state, count(*) AS n FROM {runs} GROUP BY workflow, state"
 
 
 @dataclass
@@ -128,14 +131,27 @@ def unobserve(saga: Saga) -> None:
     _observed.pop(saga, None)
 
 
-def _query(saga: Saga, template: str) -> list[Any] | None:
+def _query(saga: Saga, template: str | Callable[[Connection], list[Any]]) -> list[Any] | None:
     try:
         with saga.engine.connect() as conn, conn.begin():
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {QUERY_TIMEOUT_MS}")
+            if callable(template):
+                return template(conn)
             return list(conn.execute(saga.tables.sql(template)).mappings())
     except Exception as exc:  # a collection must never break the exporter
         log.debug("metrics query failed: %s: %s", type(exc).__name__, exc)
         return None
+
+
+def _run_counts(saga: Saga) -> Callable[[Connection], list[Any]]:
+    def read(conn: Connection) -> list[Any]:
+        by_workflow = counts.runs_by_state(conn, saga.tables)
+        return [
+            {"workflow": wf, "state": state, "n": n}
+            for wf, states in by_workflow.items() for state, n in states.items()
+        ]
+
+    return read
 
 
 def _backlog_rows(
@@ -170,7 +186,7 @@ def _observe_oldest(options: CallbackOptions) -> Iterable[Observation]:
 
 def _observe_runs(options: CallbackOptions) -> Iterable[Observation]:
     for saga, seen in list(_observed.items()):
-        rows = _query(saga, _RUNS)
+        rows = _query(saga, _run_counts(saga))
         if rows is None:
             continue
         found = {(r["workflow"], r["state"]): int(r["n"]) for r in rows}

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
 from saga.app import Saga
+from saga.housekeeping import Housekeeping
 from saga.messages import Envelope, Publisher, publish_in_order
 from saga.store.base import Row
 from saga.sweeper import Sweeper
@@ -43,6 +44,7 @@ class Relay:
         lookahead: float = 2.0,
         sweep_interval: float = 2.0,
         hold: float = 30.0,
+        housekeeping: Housekeeping | None = None,
     ) -> None:
         if batch_size < 1 or poll_interval <= 0:
             raise ValueError("batch_size must be >= 1 and poll_interval > 0")
@@ -55,6 +57,7 @@ class Relay:
         self.hold = hold
         """Seconds a batch's rows are held for this relay while it publishes them."""
         self.sweeper = Sweeper(saga)
+        self.housekeeping = housekeeping or Housekeeping(saga)
         self.stopping = threading.Event()
         self._listener: psycopg.Connection[Any] | None = None
         self._conn: Connection | None = None
@@ -134,6 +137,7 @@ class Relay:
         )
         last_sweep = 0.0
         metrics.observe(self.saga)
+        self.housekeeping.start()
         while not self.stopping.is_set():
             try:
                 count = retrying(self.publish_batch)
@@ -146,14 +150,17 @@ class Relay:
                     self.sweeper.sweep()
                 except (OperationalError, DBAPIError) as exc:
                     logs.event(log, logging.WARNING, f"sweep failed: {type(exc).__name__}")
+            self.housekeeping.tick()
             if count < self.batch_size:
                 self._wait()
         self._close_listener()
         self._close_connection()
+        self.housekeeping.stop()
         metrics.unobserve(self.saga)
         logs.event(log, logging.INFO, "relay stopped")
 
     def _backoff(self, seconds: float) -> None:
+        self.housekeeping.presence.beat()  # backing off is being alive: the outbox warns
         self.stopping.wait(seconds)
 
     def stop(self) -> None:
@@ -200,14 +207,22 @@ class Relay:
             self._listener = None
 
 
-def main(app_spec: str, *, batch_size: int = 200, poll_interval: float = 1.0) -> int:
-    """``saga relay``: relay for the engine bound to the Celery app ``module:attribute``."""
+def main(
+    app_spec: str,
+    *,
+    batch_size: int = 200,
+    poll_interval: float = 1.0,
+    retention: float | None = None,
+) -> int:
+    """``saga relay``: relay for the engine bound to the Celery app ``module:attribute``;
+    with ``retention`` (seconds) it also prunes runs finished longer ago than that."""
     from saga.celery_adapter import CeleryPublisher, engine_of, load_celery_app
 
     celery_app = load_celery_app(app_spec)
     saga = engine_of(celery_app)
     relay = Relay(
-        saga, CeleryPublisher(celery_app), batch_size=batch_size, poll_interval=poll_interval
+        saga, CeleryPublisher(celery_app), batch_size=batch_size, poll_interval=poll_interval,
+        housekeeping=Housekeeping(saga, retention=retention),
     )
 
     def on_term(signum: int, frame: object) -> None:

@@ -91,6 +91,7 @@ class Run:
     api: str
     provider: str
     sup: Supervisor
+    dashboard_port: int = 0
     sent: list[Sent] = field(default_factory=list)
     sending_done: threading.Event = field(default_factory=threading.Event)
     stop_sending: threading.Event = field(default_factory=threading.Event)
@@ -261,6 +262,9 @@ def start_stack(run: Run, env: dict[str, str], api_port: int, provider_port: int
     )
     sup.start("api", [*uvicorn, "--port", str(api_port), "examples.harbor_checkout.api:app"], env)
     sup.start("relay", relay_argv(), env)
+    # The dashboard, read-only unless SAGA_DASHBOARD_TOKEN is set in the demo's environment.
+    dashboard = [py, "-m", "saga.cli.main", "dashboard", "--app", APP_SPEC]
+    sup.start("dashboard", [*dashboard, "--port", str(run.dashboard_port)], env)
     for queue, concurrency in WORKERS.items():
         sup.start(
             f"worker-{queue}",
@@ -725,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
             f"http://127.0.0.1:{api_port}",
             f"http://127.0.0.1:{provider_port}",
             sup,
+            dashboard_port=free_port(),
         )
         say(f"== Starting the stack (logs in {log_dir})")
         start_stack(run, child_env(args, db_url, run.provider), api_port, provider_port)
@@ -733,6 +738,7 @@ def main(argv: list[str] | None = None) -> int:
             f"  api {run.api}, provider {run.provider}, relay, beat, workers "
             + ", ".join(f"{q} (x{c})" for q, c in WORKERS.items())
         )
+        say(f"  dashboard http://127.0.0.1:{run.dashboard_port}/ (up while the demo runs)")
         summary = run_orders(run, rng)
         report(run, summary)
     except StopSignalError as exc:

@@ -135,17 +135,17 @@ def cli() -> None:
     """Operate saga: inspect runs, draw workflows, act on stuck runs, migrate the database.
 
     Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 invalid state, 5 database
-    unavailable, 6 configuration.
+    unavailable, 6 configuration; 'saga status --check': 10-13, one per warning.
     """
 
 
 def _register() -> None:
-    from saga.cli import graph, ops, reads
+    from saga.cli import admin, graph, ops, reads
 
     cli.add_command(reads.status)
     cli.add_command(reads.list_)
     cli.add_command(graph.graph)
-    for cmd in ops.COMMANDS:
+    for cmd in (*ops.COMMANDS, *admin.COMMANDS):
         cli.add_command(cmd)
 
 

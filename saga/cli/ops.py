@@ -186,9 +186,25 @@ def current(ctx: click.Context, as_json: bool) -> None:
     "--poll-interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True,
     help="Seconds between polls when no notification arrives.",
 )
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), metavar="PORT",
+    help="Serve /metrics (Prometheus text format) on this port.",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--retention", envvar="SAGA_RETENTION", metavar="DURATION",
+    help="Also prune runs finished longer ago than this (30d, 12h...) [env SAGA_RETENTION].",
+)
 @app_option
 @click.pass_context
-def relay(ctx: click.Context, batch_size: int, poll_interval: float) -> int:
+def relay(
+    ctx: click.Context,
+    batch_size: int,
+    poll_interval: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    retention: str | None,
+) -> int:
     """Run the outbox relay (and sweeper) for the engine bound to --app, until SIGTERM."""
     config = config_of(ctx)
     app = config.require_app()
@@ -200,10 +216,18 @@ def relay(ctx: click.Context, batch_size: int, poll_interval: float) -> int:
             ExitCode.CONFIG,
         )
     from saga import relay as relay_module
+    from saga.cli.admin import duration, start_metrics
 
+    keep = duration(retention, "--retention")
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO, format=log_format)
-    return int(relay_module.main(app, batch_size=batch_size, poll_interval=poll_interval))
+    if metrics_port is not None:
+        start_metrics(metrics_port, metrics_host)
+    return int(
+        relay_module.main(
+            app, batch_size=batch_size, poll_interval=poll_interval, retention=keep
+        )
+    )
 
 
 COMMANDS = (retry, cancel, resolve, db, relay)

@@ -28,6 +28,9 @@ STATE_STYLES = {
 }
 """The colour of each run and step state in a terminal."""
 
+ID_COLUMNS = frozenset({"id", "run"})
+"""Columns holding run ids, never wrapped or cut in a terminal."""
+
 
 def _default(value: object) -> Any:
     if isinstance(value, datetime):
@@ -134,7 +137,9 @@ class Output:
 
             table = Table(title=title, title_justify="left", header_style="bold")
             for col in columns:
-                table.add_column(col)
+                # Run ids are printed whole: a cut id cannot be pasted back.
+                whole = col in ID_COLUMNS
+                table.add_column(col, no_wrap=whole, min_width=36 if whole else None)
             for row in cells:
                 shown = [escape(c) for c in row]
                 if state_column is not None:

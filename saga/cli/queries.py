@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,7 +11,10 @@ from typing import Any
 from sqlalchemy import Connection
 
 from saga.cli.config import CliError, ExitCode
+from saga.errors import UnknownRunError
+from saga.store import counts as run_counts
 from saga.store.base import Row, Tables
+from saga.store.runs import RunStore
 
 LIST_COLUMNS = (
     "id, workflow, version, state, business_key, created_at, updated_at, finished_at, "
@@ -22,17 +23,7 @@ LIST_COLUMNS = (
 
 # Distinct workflows by a loose index scan of ix_runs_workflow_state: one index probe per
 # workflow instead of reading every row.
-_WORKFLOWS = """
-WITH RECURSIVE w(name) AS (
-    (SELECT workflow FROM {runs} ORDER BY workflow LIMIT 1)
-    UNION ALL
-    SELECT (SELECT workflow FROM {runs} WHERE workflow > w.name ORDER BY workflow LIMIT 1)
-    FROM w WHERE w.name IS NOT NULL
-)
-SELECT name FROM w WHERE name IS NOT NULL
-"""
-# Counting per (workflow, state) pair: an index-only scan of ix_runs_workflow_state per pair.
-_COUNT_PAIR = "SELECT count(*) FROM {runs} WHERE workflow = :workflow AND state = :state"
+_WORKFLOWS = run_counts.WORKFLOWS_CTE + "SELECT name FROM w WHERE name IS NOT NULL"
 _BACKLOG = """
 SELECT count(*) AS unpublished,
        count(*) FILTER (WHERE available_at <= now()) AS due,
@@ -56,15 +47,9 @@ FROM {runs} WHERE state = 'compensation_failed'
 ORDER BY created_at DESC LIMIT :limit
 """
 _OPERATOR_COUNT = "SELECT count(*) FROM {runs} WHERE state = 'compensation_failed'"
-_RUN_BY_ID = "SELECT * FROM {runs} WHERE id = :id"
-_RUN_BY_KEY = """
-SELECT * FROM {runs}
-WHERE workflow = ANY(CAST(:workflows AS text[])) AND business_key = :key
-ORDER BY created_at DESC LIMIT 2
-"""
 _STEPS = """
 SELECT kind, step, state, attempt, first_attempt, worker, created_at, started_at, finished_at,
-       due_at, lease_expires_at, error
+       due_at, lease_expires_at, error, result
 FROM {steps} WHERE run_id = :id
 ORDER BY kind DESC, started_at NULLS LAST, step
 """
@@ -80,16 +65,13 @@ def workflows(conn: Connection, tables: Tables) -> list[str]:
 
 
 def counts(conn: Connection, tables: Tables, states: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """Runs by workflow and state, counted pair by pair on ``ix_runs_workflow_state``."""
-    out: dict[str, dict[str, int]] = {}
-    count_pair = tables.sql(_COUNT_PAIR)
-    for name in workflows(conn, tables):
-        row = out.setdefault(name, {})
-        for state in states:
-            n = conn.execute(count_pair, {"workflow": name, "state": state}).scalar_one()
-            if n:
-                row[state] = int(n)
-    return out
+    """Runs by workflow and state (only ``states``), from :mod:`saga.store.counts`: the
+    finished states from their counters, the others on ``ix_runs_workflow_state``."""
+    wanted = set(states)
+    return {
+        wf: {s: n for s, n in by_state.items() if s in wanted}
+        for wf, by_state in run_counts.runs_by_state(conn, tables).items()
+    }
 
 
 def backlog(conn: Connection, tables: Tables) -> Row:
@@ -116,24 +98,13 @@ def waiting_for_operator(conn: Connection, tables: Tables, limit: int) -> tuple[
 
 
 def find_run(conn: Connection, tables: Tables, ref: str) -> Row:
-    """The run whose id or business key is ``ref``; ``NOT_FOUND`` if none, or if the key
-    names runs of several workflows."""
-    rows: Sequence[Any] = []
-    with contextlib.suppress(ValueError):
-        rows = conn.execute(tables.sql(_RUN_BY_ID), {"id": uuid.UUID(ref)}).mappings().all()
-    if not rows:  # not a run id: a business key (which may look like a UUID too)
-        names = workflows(conn, tables)
-        rows = conn.execute(
-            tables.sql(_RUN_BY_KEY), {"workflows": names, "key": ref}
-        ).mappings().all()
-        if len(rows) > 1:
-            raise CliError(
-                f"key {ref!r} names runs of several workflows; use the run id",
-                ExitCode.NOT_FOUND,
-            ) from None
-    if not rows:
-        raise CliError(f"no run with id or key {ref!r}", ExitCode.NOT_FOUND)
-    return dict(rows[0])
+    """The run whose id, business key or unique id prefix (8+ hex digits) is ``ref``;
+    ``NOT_FOUND`` if none, if the key names runs of several workflows, or if the prefix is
+    ambiguous."""
+    try:
+        return RunStore(tables).find_one(conn, ref)
+    except UnknownRunError as exc:
+        raise CliError(str(exc), ExitCode.NOT_FOUND) from None
 
 
 def run_steps(conn: Connection, tables: Tables, run_id: Any) -> list[Row]:
@@ -215,3 +186,42 @@ def list_runs(conn: Connection, tables: Tables, f: ListFilter) -> list[Row]:
         clause = ("WHERE " + " AND ".join(where)) if where else ""
         sql = f"SELECT {LIST_COLUMNS} FROM {{runs}} {clause} {order} LIMIT :limit OFFSET :offset"
     return [dict(r) for r in conn.execute(tables.sql(sql), params).mappings()]
+
+
+# An attempt waits for a worker from the moment its outbox row is due until a worker claims
+# it (the claim deletes the row): a published row (its due time is then only the relay's hold
+# on it), a due unpublished one, or one a worker without the run's definition deferred.
+WAITING = "(published_at IS NOT NULL OR available_at <= now() OR deferrals > 0)"
+_WAITING_BY_QUEUE = f"""
+SELECT queue, count(*) AS messages,
+       EXTRACT(EPOCH FROM (now() - min(created_at)))::float8 AS oldest_seconds
+FROM {{outbox}} WHERE {WAITING}
+GROUP BY queue ORDER BY queue
+"""
+# The runs of the oldest :cap waiting attempts (stuck ones are the oldest), one primary-key
+# probe each (OFFSET 0 keeps the planner from turning the probes into a scan of every run).
+_WAITING_BY_DEFINITION = f"""
+SELECT r.workflow, r.version, r.definition_hash, count(*) AS runs
+FROM (SELECT DISTINCT run_id FROM (
+          SELECT run_id FROM {{outbox}} WHERE {WAITING}
+          ORDER BY created_at LIMIT :cap) oldest) o
+CROSS JOIN LATERAL (
+    SELECT workflow, version, definition_hash FROM {{runs}} WHERE id = o.run_id OFFSET 0) r
+GROUP BY r.workflow, r.version, r.definition_hash ORDER BY r.workflow, r.version
+"""
+WAITING_SAMPLE = 1000
+"""How many of the oldest waiting attempts :func:`waiting_by_definition` looks at."""
+
+
+def waiting_by_queue(conn: Connection, tables: Tables) -> list[Row]:
+    """Queues with step attempts due and not yet claimed (published or not): every such
+    attempt has its outbox row until a worker claims it."""
+    return [dict(r) for r in conn.execute(tables.sql(_WAITING_BY_QUEUE)).mappings()]
+
+
+def waiting_by_definition(conn: Connection, tables: Tables) -> list[Row]:
+    """The workflow definitions (name, version, hash) of runs with attempts waiting for a
+    worker, and how many runs each, among those of the :data:`WAITING_SAMPLE` oldest
+    waiting attempts."""
+    rows = conn.execute(tables.sql(_WAITING_BY_DEFINITION), {"cap": WAITING_SAMPLE})
+    return [dict(r) for r in rows.mappings()]

@@ -9,68 +9,71 @@ from typing import Any
 
 import click
 
-from saga.cli import queries
+from saga import tracebacks
+from saga.cli import docs, queries
 from saga.cli.options import config_of, db_options, json_option, output_of
 from saga.cli.output import Output, between, fmt_duration, fmt_time, one_line
 from saga.db.states import RUN_STATES
-from saga.store.base import Row
+from saga.presence import STALE_AFTER
 
-SAMPLE = 10
-"""How many expired leases / waiting runs the overview lists."""
 MAX_PAGE = 1_000_000
 """The highest ``--page`` (deeper pages are cheaper to reach with ``--before``)."""
 
 
 @click.command()
 @click.argument("run", required=False)
+@click.option("--full", is_flag=True, help="With RUN: show input and results whole.")
+@click.option(
+    "--check", is_flag=True,
+    help="Exit with a warning's code (10-13, see below) when any warning holds.",
+)
+@click.option(
+    "--stale-after", type=click.FloatRange(min=0.1), default=STALE_AFTER,
+    show_default=True, metavar="SECONDS", help="A process not seen for this long is gone.",
+)
+@click.option(
+    "--outbox-age", type=click.FloatRange(min=0), default=docs.OUTBOX_AGE, show_default=True,
+    metavar="SECONDS", help="Warn when the oldest due unpublished message is older.",
+)
 @json_option
 @db_options
 @click.pass_context
-def status(ctx: click.Context, run: str | None, as_json: bool) -> None:
-    """Overview of the system, or the details of RUN (a run id or business key).
+def status(
+    ctx: click.Context,
+    run: str | None,
+    full: bool,
+    check: bool,
+    stale_after: float,
+    outbox_age: float,
+    as_json: bool,
+) -> int:
+    """Overview of the system, or the details of RUN (a run id, a unique prefix of 8 or more
+    of its characters, or its business key).
 
     The overview shows runs by workflow and state, the outbox backlog, steps running past
-    their lease, and runs waiting for an operator (compensation_failed).
+    their lease, runs waiting for an operator, the live workers and relays, and warnings.
+    With --check it exits 10 when no relay is live, 11 when a queue has waiting steps and no
+    live worker consumes it, 12 when runs wait for a workflow definition no live worker has,
+    13 when the oldest due outbox message is older than --outbox-age (the first that holds).
     """
     config = config_of(ctx)
     tables = config.tables()
     out = output_of(ctx)
+    limits = docs.Thresholds(stale_after=stale_after, outbox_age=outbox_age)
     with config.engine().connect() as conn:
-        if run is None:
-            doc = _overview(conn, tables)
-        else:
-            row = queries.find_run(conn, tables, run)
-            doc = _run_doc(
-                row,
-                queries.run_steps(conn, tables, row["id"]),
-                queries.run_history(conn, tables, row["id"]),
-            )
+        doc = (
+            docs.overview(conn, tables, limits) if run is None
+            else docs.run_detail(conn, tables, run)
+        )
     if as_json:
         out.json(doc)
     elif run is None:
         _print_overview(out, doc)
     else:
-        _print_run(out, doc)
-
-
-def _overview(conn: Any, tables: Any) -> dict[str, Any]:
-    by_workflow = queries.counts(conn, tables, RUN_STATES)
-    by_state: dict[str, int] = {}
-    for states in by_workflow.values():
-        for state, n in states.items():
-            by_state[state] = by_state.get(state, 0) + n
-    lease_count, leases = queries.expired_leases(conn, tables, SAMPLE)
-    op_count, waiting = queries.waiting_for_operator(conn, tables, SAMPLE)
-    return {
-        "runs": {
-            "total": sum(by_state.values()),
-            "by_state": {s: by_state[s] for s in RUN_STATES if s in by_state},
-            "by_workflow": by_workflow,
-        },
-        "outbox": queries.backlog(conn, tables),
-        "expired_leases": {"count": lease_count, "steps": leases},
-        "waiting_for_operator": {"count": op_count, "runs": waiting},
-    }
+        _print_run(out, doc, full)
+    if check and run is None and doc["warnings"]:
+        return int(min(w["exit_code"] for w in doc["warnings"]))
+    return 0
 
 
 def _print_overview(out: Output, doc: dict[str, Any]) -> None:
@@ -119,62 +122,36 @@ def _print_overview(out: Output, doc: dict[str, Any]) -> None:
                 for r in waiting["runs"]
             ],
         )
+    out.line()
+    live = [p for p in doc["processes"] if p["live"]]
+    out.line(f"Live processes: {len(live)}", style="bold")
+    if doc["processes"]:
+        out.table(
+            None,
+            ["kind", "name", "pid", "version", "queues", "definitions", "last seen"],
+            [
+                [p["kind"], p["name"], p["pid"], p["version"], ",".join(p["queues"]) or "-",
+                 len(p["definitions"]),
+                 f"{fmt_duration(p['seen_seconds_ago'])} ago" + ("" if p["live"] else " (gone)")]
+                for p in doc["processes"]
+            ],
+        )
+    out.line()
+    out.line(f"Warnings: {len(doc['warnings'])}", style="bold red" if doc["warnings"] else "bold")
+    for w in doc["warnings"]:
+        out.line(f"  WARNING {w['code']}: {w['message']}", style="red")
 
 
-def _message_of(error: Any) -> Any:
-    """The text of a stored error document (``error_message`` in every JSON shape)."""
-    return error.get("message") if isinstance(error, dict) else error
+def _bounded(value: Any, full: bool, width: int = 100) -> str:
+    if value is None:
+        return "-"
+    text = json.dumps(value, default=str, indent=2 if full else None, ensure_ascii=False)
+    return text if full else one_line(text, width)
 
 
-def _step_doc(row: Row, now: datetime) -> dict[str, Any]:
-    error = row["error"]
-    message = _message_of(error)
-    return {
-        "step": row["step"],
-        "kind": row["kind"],
-        "state": row["state"],
-        "attempt": row["attempt"],
-        "started_at": row["started_at"],
-        "finished_at": row["finished_at"],
-        "duration_seconds": between(row["started_at"], row["finished_at"], now),
-        "worker": row["worker"],
-        "lease_expires_at": row["lease_expires_at"],
-        "due_at": row["due_at"],
-        "error_message": message,
-        "error": error,
-    }
-
-
-def _run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    step_docs = [_step_doc(s, now) for s in steps]
-    return {
-        "run": {
-            "id": run["id"],
-            "workflow": run["workflow"],
-            "version": run["version"],
-            "state": run["state"],
-            "business_key": run["business_key"],
-            "created_at": run["created_at"],
-            "updated_at": run["updated_at"],
-            "finished_at": run["finished_at"],
-            "duration_seconds": between(run["created_at"], run["finished_at"], now),
-            "deadline_at": run["deadline_at"],
-            "error_message": _message_of(run["error"]),
-            "error": run["error"],
-        },
-        "steps": [s for s in step_docs if s["kind"] == "step"],
-        "compensations": [s for s in step_docs if s["kind"] == "compensation"],
-        "history": [
-            {k: h[k] for k in ("at", "event", "kind", "step", "attempt", "detail")}
-            for h in history
-        ],
-    }
-
-
-def _print_run(out: Output, doc: dict[str, Any]) -> None:
+def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
     run = doc["run"]
-    error = run["error_message"]
+    error = doc["latest_error"]
     out.fields(
         f"Run {run['id']}",
         [
@@ -184,7 +161,9 @@ def _print_run(out: Output, doc: dict[str, Any]) -> None:
             ("started", fmt_time(run["created_at"])),
             ("finished", fmt_time(run["finished_at"])),
             ("duration", fmt_duration(run["duration_seconds"])),
-            *([("error", one_line(str(error), 100))] if error else []),
+            ("input", _bounded(run["input"], full)),
+            *([("result", _bounded(run["result"], full))] if run["result"] is not None else []),
+            *([("error", one_line(error.get("message", error), 100))] if error else []),
         ],
     )
     for title, rows in (("Steps", doc["steps"]), ("Compensations", doc["compensations"])):
@@ -193,14 +172,23 @@ def _print_run(out: Output, doc: dict[str, Any]) -> None:
         out.line()
         out.table(
             title,
-            ["step", "state", "attempt", "started", "duration", "last error"],
+            ["step", "state", "attempt", "started", "duration", "result", "last error"],
             [
                 [s["step"], s["state"], s["attempt"], fmt_time(s["started_at"]),
-                 fmt_duration(s["duration_seconds"]), one_line(s["error_message"] or "-", 60)]
+                 fmt_duration(s["duration_seconds"]),
+                 _bounded(s["result"], full, 40), one_line(s["error_message"] or "-", 60)]
                 for s in rows
             ],
             state_column=1,
         )
+    if error:
+        out.line()
+        where = f" in {error['kind']} {error['step']!r}" if error.get("step") else ""
+        attempt = f", attempt {error['attempt']}" if error.get("attempt") else ""
+        out.line(f"Latest error{where}{attempt}", style="bold")
+        out.line(f"  {error.get('type') or 'error'}: {one_line(error.get('message', ''), 300)}")
+        for line in tracebacks.render(error.get("traceback")):
+            out.line("  " + line)
     out.line()
     out.table(
         "History",

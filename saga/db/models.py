@@ -27,6 +27,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from saga.db.states import (
     HISTORY_EVENTS,
+    PROCESS_KINDS,
     RUN_ACTIVE,
     RUN_STATES,
     STEP_KINDS,
@@ -203,3 +204,46 @@ class HistoryEntry(Base):
     attempt: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[Any | None] = mapped_column(JSONB)
     at: Mapped[datetime] = _now()
+
+
+class Process(Base):
+    """A live worker or relay: registered at start, beaten while it runs, removed on a clean
+    exit (rows of processes that died go stale and are pruned)."""
+
+    __tablename__ = "processes"
+    __table_args__ = (
+        CheckConstraint(check_in("kind", PROCESS_KINDS), name="kind"),
+        Index("ix_processes_last_seen_at", "last_seen_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(Text)
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(40))
+    queues: Mapped[Any] = mapped_column(JSONB, server_default="[]")
+    definitions: Mapped[Any] = mapped_column(JSONB, server_default="[]")
+    started_at: Mapped[datetime] = _now()
+    last_seen_at: Mapped[datetime] = _now()
+
+
+class RunCount(Base):
+    """How many runs a workflow has in a finished state (folded from the deltas)."""
+
+    __tablename__ = "run_counts"
+
+    workflow: Mapped[str] = mapped_column(String(100), primary_key=True)
+    state: Mapped[str] = mapped_column(String(32), primary_key=True)
+    n: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class RunCountDelta(Base):
+    """A change to :class:`RunCount` written by a trigger, not yet folded in."""
+
+    __tablename__ = "run_count_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    workflow: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(32))
+    delta: Mapped[int] = mapped_column(BigInteger)

@@ -6,9 +6,19 @@ from __future__ import annotations
 from saga.core.states import KINDS as STEP_KINDS
 from saga.core.states import RUN_STATES, STEP_STATES
 
-__all__ = ["HISTORY_EVENTS", "RUN_ACTIVE", "RUN_STATES", "STEP_KINDS", "STEP_STATES", "check_in"]
+__all__ = [
+    "HISTORY_EVENTS", "PROCESS_KINDS", "RUN_ACTIVE", "RUN_FINISHED", "RUN_STATES", "STEP_KINDS",
+    "STEP_STATES", "check_in",
+]
 
 RUN_ACTIVE = ("running", "compensating", "cancelling")
+
+RUN_FINISHED = ("completed", "compensated", "failed", "cancelled", "resolved")
+"""Finished run states: counted in ``run_counts`` and prunable by retention. A
+``compensation_failed`` run is not finished: it waits for an operator."""
+
+PROCESS_KINDS = ("worker", "relay")
+"""What registers in ``processes``."""
 
 HISTORY_EVENTS = (
     "run_started",

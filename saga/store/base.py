@@ -40,15 +40,33 @@ class Tables:
         return f'"{self.schema}".history'
 
     @property
+    def processes(self) -> str:
+        """``"schema".processes``."""
+        return f'"{self.schema}".processes'
+
+    @property
+    def run_counts(self) -> str:
+        """``"schema".run_counts``."""
+        return f'"{self.schema}".run_counts'
+
+    @property
+    def run_count_deltas(self) -> str:
+        """``"schema".run_count_deltas``."""
+        return f'"{self.schema}".run_count_deltas'
+
+    @property
     def channel(self) -> str:
         """The LISTEN/NOTIFY channel the outbox trigger notifies."""
         return f"{self.schema}_outbox"
 
     def sql(self, template: str) -> TextClause:
-        """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}`` filled in."""
+        """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}``,
+        ``{processes}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in."""
         return text(
             template.format(
-                runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history
+                runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history,
+                processes=self.processes, run_counts=self.run_counts,
+                run_count_deltas=self.run_count_deltas,
             )
         )
 

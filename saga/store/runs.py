@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection
 
+from saga.errors import UnknownRunError
 from saga.store.base import Row, Tables
+
+MIN_PREFIX = 8
+"""The fewest hex digits of a run id accepted as a prefix of it."""
+_PREFIX = re.compile(r"[0-9a-fA-F-]+")
 
 _LOCK = "SELECT * FROM {runs} WHERE id = :run_id FOR UPDATE"
 _BY_ID = "SELECT * FROM {runs} WHERE id = :ref"
@@ -18,6 +24,8 @@ SELECT * FROM {runs}
 WHERE business_key = :ref AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
 ORDER BY created_at DESC LIMIT 2
 """
+# A prefix is a range of the primary key: uuids sort by their bytes, as their hex digits do.
+_BY_PREFIX = "SELECT * FROM {runs} WHERE id BETWEEN :low AND :high ORDER BY id LIMIT 2"
 _SET_STATE = """
 UPDATE {runs} SET state = :to, updated_at = now(),
     error = CASE WHEN :clear_error THEN NULL ELSE coalesce(CAST(:error AS jsonb), error) END,
@@ -50,6 +58,7 @@ class RunStore:
         self._lock = tables.sql(_LOCK)
         self._by_id = tables.sql(_BY_ID)
         self._by_key = tables.sql(_BY_KEY)
+        self._by_prefix = tables.sql(_BY_PREFIX)
         self._set_state = tables.sql(_SET_STATE)
         self._restart_deadline = tables.sql(_RESTART_DEADLINE)
         self._gather_result = tables.sql(_GATHER_RESULT)
@@ -68,6 +77,35 @@ class RunStore:
         # Not a run id: a business key (which may look like a UUID too).
         params = {"ref": ref, "workflow": workflow}
         return [dict(r) for r in conn.execute(self._by_key, params).mappings()]
+
+    def find_prefix(self, conn: Connection, ref: str) -> list[Row]:
+        """Runs whose id starts with ``ref`` (at least :data:`MIN_PREFIX` hex digits, hyphens
+        ignored); at most two: more means ambiguous. Not a prefix: no runs."""
+        digits = ref.replace("-", "").lower()
+        if not _PREFIX.fullmatch(ref) or not MIN_PREFIX <= len(digits) <= 32:
+            return []
+        low = uuid.UUID(digits.ljust(32, "0"))
+        high = uuid.UUID(digits.ljust(32, "f"))
+        params = {"low": low, "high": high}
+        return [dict(r) for r in conn.execute(self._by_prefix, params).mappings()]
+
+    def find_one(self, conn: Connection, ref: str, workflow: str | None = None) -> Row:
+        """The run whose id, business key, or unique id prefix (8 or more hex digits) is
+        ``ref``, in that order; :class:`UnknownRunError` saying why when there is none or
+        ``ref`` is ambiguous."""
+        found = self.find(conn, ref, workflow)
+        if len(found) > 1:
+            raise UnknownRunError(f"key {ref!r} names runs of several workflows; use the run id")
+        if not found:
+            found = self.find_prefix(conn, ref)
+            if len(found) > 1:
+                raise UnknownRunError(
+                    f"run id prefix {ref!r} is ambiguous: it names more than one run; "
+                    "give more characters"
+                )
+        if not found:
+            raise UnknownRunError(f"no run with id or key {ref!r}")
+        return found[0]
 
     def set_state(
         self,

@@ -13,7 +13,9 @@ from sqlalchemy import create_engine, inspect, text
 from saga.db import migrate
 from saga.db.models import Base
 
-SAGA_TABLES = {"runs", "step_runs", "outbox", "history"}
+SAGA_TABLES = {
+    "runs", "step_runs", "outbox", "history", "processes", "run_counts", "run_count_deltas"
+}
 
 
 def tables(url: str, schema: str) -> set[str]:

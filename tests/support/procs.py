@@ -131,11 +131,15 @@ class Supervisor:
         except KeyError:
             raise KeyError(f"no process named {name!r}") from None
 
-    def kill(self, name: str, sig: int = signal.SIGKILL, group: bool = True) -> None:
+    def kill(
+        self, name: str, sig: int = signal.SIGKILL, group: bool = True, restart: bool = True
+    ) -> None:
         """Send ``sig`` to the process (its whole group by default). Unless :meth:`stop` was
-        called, the watcher restarts it once it has exited."""
+        called or ``restart`` is false, the watcher restarts it once it has exited."""
         with self._lock:
-            proc = self._get(name).proc
+            child = self._get(name)
+            child.stopping = child.stopping or not restart
+            proc = child.proc
             if proc is None or proc.poll() is not None:
                 return
             with contextlib.suppress(ProcessLookupError):
