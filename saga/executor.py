@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from saga import logs, telemetry
+from saga import logs, telemetry, tracebacks
 from saga.app import Saga
 from saga.codec import encode_result
 from saga.context import StepContext
@@ -53,8 +53,9 @@ class Delivery:
 
 
 def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
-    """A failed attempt's error as stored (see :func:`saga.errors.error_document`)."""
-    return error_document(exc, attempt)
+    """A failed attempt's error as stored (see :func:`saga.errors.error_document`), with a
+    bounded traceback of the step's code (:func:`saga.tracebacks.capture`)."""
+    return {**error_document(exc, attempt), "traceback": tracebacks.capture(exc)}
 
 
 class Executor:

@@ -85,7 +85,7 @@ class Relay:
         held = rows[0]["held_until"] if rows else None
         try:
             outbox.mark_published(conn, published, held, self.saga.settings.republish_after)
-            outbox.release(conn, [r["id"] for r in rows[len(published) :]], held)
+            outbox.release(conn, rows[len(published) :], held)
         except DBAPIError:
             self._close_connection()
             raise

@@ -27,16 +27,19 @@ SELECT s.run_id::text AS run_id, s.kind, s.step, s.attempt, s.first_attempt,
        r.workflow, r.version
 FROM {steps} s JOIN {runs} r ON r.id = s.run_id
 WHERE s.state = 'running' AND s.lease_expires_at < now()
+  AND r.workflow || ':' || r.version = ANY(:known)
 ORDER BY s.lease_expires_at LIMIT :limit
 """
 _PAST_DEADLINE = """
 SELECT id::text FROM {runs}
 WHERE state = 'running' AND deadline_at IS NOT NULL AND deadline_at < now()
+  AND workflow || ':' || version = ANY(:known)
 ORDER BY deadline_at LIMIT :limit
 """
 _STALLED = """
 SELECT r.id::text FROM {runs} r
 WHERE r.state IN ('compensating', 'cancelling') AND r.updated_at < now() - interval '2 seconds'
+  AND r.workflow || ':' || r.version = ANY(:known)
   AND NOT EXISTS (SELECT 1 FROM {steps} s WHERE s.run_id = r.id
                   AND (s.kind = 'compensation' OR s.state = 'running'))
 LIMIT :limit
@@ -69,6 +72,12 @@ class Sweeper:
         self._past_deadline = t.sql(_PAST_DEADLINE)
         self._stalled = t.sql(_STALLED)
 
+    def _params(self) -> dict[str, object]:
+        # Only runs of workflow versions this process has: the others are left to a relay
+        # that has them (during a rolling deploy, an old relay meets new runs).
+        known = [f"{wf.name}:{wf.version}" for wf in self.saga.registry]
+        return {"limit": self.batch, "known": known}
+
     def sweep(self) -> SweepReport:
         """One pass over every kind of repair."""
         report = SweepReport()
@@ -81,7 +90,7 @@ class Sweeper:
     def expire_leases(self) -> int:
         """Fail attempts whose lease ran out; the retry policy decides what comes next."""
         with self.saga.engine.connect() as conn:
-            rows = conn.execute(self._expired, {"limit": self.batch}).mappings().all()
+            rows = conn.execute(self._expired, self._params()).mappings().all()
         count = 0
         for row in rows:
             ref = AttemptRef(row["run_id"], row["kind"], row["step"], row["attempt"])
@@ -144,7 +153,7 @@ class Sweeper:
     def enforce_deadlines(self) -> int:
         """Stop the runs whose deadline passed: they compensate like a permanent failure."""
         with self.saga.engine.connect() as conn:
-            ids = [r[0] for r in conn.execute(self._past_deadline, {"limit": self.batch})]
+            ids = [r[0] for r in conn.execute(self._past_deadline, self._params())]
         lifecycle = self.saga.lifecycle
         for run_id in ids:
             with self.saga.engine.begin() as conn:
@@ -159,7 +168,7 @@ class Sweeper:
     def advance_stalled(self) -> int:
         """Move on stopping runs that nothing else will move."""
         with self.saga.engine.connect() as conn:
-            ids = [r[0] for r in conn.execute(self._stalled, {"limit": self.batch})]
+            ids = [r[0] for r in conn.execute(self._stalled, self._params())]
         for run_id in ids:
             with self.saga.engine.begin() as conn:
                 self.saga.lifecycle.advance(conn, run_id)

@@ -38,7 +38,8 @@ WITH batch AS (
     FROM batch WHERE o.id = batch.id
     RETURNING o.id, o.available_at
 )
-SELECT o.id, taken.available_at AS held_until, o.run_id::text AS run_id, r.workflow,
+SELECT o.id, taken.available_at AS held_until, batch.available_at AS was_due,
+       o.run_id::text AS run_id, r.workflow,
        r.version, r.definition_hash, o.kind, o.step, o.attempt, o.queue, o.priority,
        o.time_limit, o.publish_count, o.trace_context,
        EXTRACT(EPOCH FROM (batch.available_at - now()))::float8 AS countdown,
@@ -54,8 +55,9 @@ UPDATE {outbox} SET published_at = now(), publish_count = publish_count + 1,
 WHERE id = ANY(:ids) AND published_at IS NULL AND available_at = :held
 """
 _RELEASE = """
-UPDATE {outbox} SET available_at = now()
-WHERE id = ANY(:ids) AND published_at IS NULL AND available_at = :held
+UPDATE {outbox} o SET available_at = x.was_due
+FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS x(id bigint, was_due timestamptz)
+WHERE o.id = x.id AND o.published_at IS NULL AND o.available_at = :held
 """
 _NEXT_DUE = """
 SELECT EXTRACT(EPOCH FROM (min(available_at) - now())) FROM {outbox} WHERE published_at IS NULL
@@ -151,11 +153,12 @@ class OutboxStore:
             conn.execute(self._mark_published, params | {"backoff": REPUBLISH_BACKOFF,
                                                          "cap": REPUBLISH_CAP})
 
-    def release(self, conn: Connection, ids: Sequence[int], held: Any) -> None:
-        """Hand messages taken (``held``) but not published back at once (the broker
-        failed)."""
-        if ids:
-            conn.execute(self._release, {"ids": list(ids), "held": held})
+    def release(self, conn: Connection, rows: Sequence[Row], held: Any) -> None:
+        """Hand messages taken (``held``) but not published back at once (the broker failed),
+        due when they were, so their age says how long they have waited."""
+        if rows:
+            found = [{"id": r["id"], "was_due": r["was_due"].isoformat()} for r in rows]
+            conn.execute(self._release, {"rows": dumps(found), "held": held})
 
     def defer(self, conn: Connection, ref: AttemptRef) -> int | None:
         """Send a message a worker could not run (it lacks the run's workflow definition)

@@ -218,3 +218,41 @@ def test_a_reader_never_sees_a_completed_run_without_its_result(saga_engine: Sag
     with saga_engine.engine.connect() as conn:
         results = conn.execute(text("SELECT DISTINCT result::text FROM saga.runs")).scalars()
         assert list(results) == ['{"d": "abac"}']
+
+
+def test_a_sweeper_without_a_runs_workflow_leaves_the_run_to_a_relay_that_has_it(
+    saga_engine: Saga,
+) -> None:
+    from saga import Registry, Workflow
+
+    stopping = saga_engine.start_now("it.linear", {}).run_id
+    late = saga_engine.start_now("it.diamond", {}).run_id
+    with saga_engine.engine.begin() as conn:
+        conn.execute(text(
+            "UPDATE saga.runs SET state = 'compensating', updated_at = now() - interval '1 hour' "
+            "WHERE id = :r"), {"r": stopping})
+        conn.execute(text(
+            "UPDATE saga.runs SET deadline_at = now() - interval '1 minute' WHERE id = :r"),
+            {"r": late})
+    other = Workflow("it.other")
+    other.add_step("x", lambda ctx: None)
+    old_relay = Saga(Registry(other), engine=saga_engine.engine)
+
+    Sweeper(old_relay).sweep()  # an old relay in a rolling deploy: it must not stop
+
+    assert saga_engine.get_run(stopping)["state"] == "compensating"
+    assert saga_engine.get_run(late)["state"] == "running"
+    assert Sweeper(saga_engine).sweep().total >= 2  # a relay with the workflows moves them
+    assert saga_engine.get_run(stopping)["state"] == "failed"  # nothing of either had started
+    assert saga_engine.get_run(late)["state"] == "failed"
+
+
+def test_a_batch_the_broker_refused_is_due_again_as_it_was(saga_engine: Saga) -> None:
+    saga_engine.start_now("it.linear", {})
+    outbox = saga_engine.lifecycle.outbox
+    with saga_engine.autocommit() as conn:
+        due = conn.execute(text("SELECT available_at FROM saga.outbox")).scalar_one()
+        taken = outbox.take_batch(conn, limit=10, lookahead=0, hold=30)
+        outbox.release(conn, taken, taken[0]["held_until"])
+        again = conn.execute(text("SELECT available_at FROM saga.outbox")).scalar_one()
+    assert again == due, "its age still counts from when it first came due"
