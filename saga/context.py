@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection
 
 JSON = Any
 """A value that survives ``json.dumps``/``json.loads`` (dict, list, str, int, float, bool, None)."""
@@ -36,6 +39,9 @@ class StepContext:
     step_result: JSON = None
     outcome: str | None = None
     step_idempotency_key: str | None = None
+    connection: Connection | None = None
+    """For a transactional step (:func:`saga.transactional`): the connection of the transaction
+    that records its completion; ``None`` for any other step."""
 
     @property
     def is_compensation(self) -> bool:

@@ -14,7 +14,13 @@ from saga.context import JSON, StepContext
 from saga.core import graph
 from saga.errors import DefinitionError
 from saga.retry import DEFAULT_RETRY, RetryPolicy
-from saga.steps import CeleryTaskStep, FunctionStep, StepRunner
+from saga.steps import (
+    CeleryTaskStep,
+    FunctionStep,
+    StepRunner,
+    TransactionalStep,
+    is_transactional,
+)
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,99}$")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -53,12 +59,12 @@ def _unknown_options(unknown: Mapping[str, object], known: Sequence[str]) -> str
 
 
 def _as_runner(workflow: str, step: str, what: str, value: object) -> StepRunner:
-    if isinstance(value, FunctionStep | CeleryTaskStep):
+    if isinstance(value, FunctionStep | CeleryTaskStep | TransactionalStep):
         return value
     if isinstance(value, StepRunner) and not callable(value):
         return value
     if callable(value):
-        return FunctionStep(value)
+        return TransactionalStep(value) if is_transactional(value) else FunctionStep(value)
     raise DefinitionError(workflow, f"{what} must be callable, got {type(value).__name__}", (step,))
 
 

@@ -15,10 +15,10 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from saga import logs, telemetry, tracebacks
+from saga import faults, logs, telemetry, tracebacks
 from saga.app import Saga
 from saga.codec import encode_result
 from saga.context import StepContext
@@ -30,7 +30,7 @@ from saga.dispatch import Dispatcher
 from saga.errors import SagaError, UnknownWorkflowError, error_document
 from saga.heartbeat import Heartbeat, Lease
 from saga.messages import MalformedMessageError, Publisher, StepMessage
-from saga.steps import TaskCaller
+from saga.steps import TaskCaller, TransactionalStep
 from saga.timeouts import Watchdog, time_limit
 from saga.transitions import Claim, Completion
 
@@ -38,6 +38,21 @@ log = logging.getLogger("saga.worker")
 
 HARD_LIMIT_MARGIN = 1.0
 """Seconds a chained step must leave before the delivery's hard time limit."""
+
+
+class _LeaseLostError(Exception):
+    """The attempt's lease went to another attempt while its code ran."""
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How to record one attempt's completion: the rows it releases (a step's dependents,
+    or the compensations waiting for this one), their routes, and the steps it may chain."""
+
+    release: tuple[str, ...]
+    routes: list[dict[str, Any]]
+    chain: list[str]
+    chain_token: str
 
 
 @dataclass
@@ -207,19 +222,72 @@ class Executor:
             outcome=claim.outcome,
             step_idempotency_key=ref.step_idempotency_key,
         )
+        if isinstance(runner, TransactionalStep):
+            return self._run_in_transaction(wf, claim, token, lease, delivery, runner, ctx)
         try:
-            limit = wf.time_limit_for(ref.step)
-            with time_limit(limit, f"{ref.kind} {ref.step!r}", self._watchdog):
-                result = runner.run(ctx, delivery.tasks)
-            result_json = encode_result(result, limit=self.saga.settings.max_result_bytes)
+            result_json = self._call(wf, runner, ctx, delivery)
         except Exception as exc:
-            policy = wf.retry_for(ref.step, ref.kind)
-            retryable = not isinstance(exc, SagaError) and policy.is_retryable(exc)
-            return self._fail(wf, claim, exc, retryable), None
+            return self._fail(wf, claim, exc, self._retryable(wf, ref, exc)), None
         if lease.lost:
             logs.event(log, logging.WARNING, "completion refused: the lease was lost", **fields)
             return "duplicate", None
-        return self._complete(wf, claim, token, result_json, fields, delivery)
+        return self._complete(wf, claim, token, result_json, delivery)
+
+    def _call(self, wf: Workflow, runner: Any, ctx: StepContext, delivery: Delivery) -> str:
+        """Run the step's code under its time limit; its result as stored JSON."""
+        limit = wf.time_limit_for(ctx.step)
+        with time_limit(limit, f"{ctx.kind} {ctx.step!r}", self._watchdog):
+            result = runner.run(ctx, delivery.tasks)
+        return encode_result(result, limit=self.saga.settings.max_result_bytes)
+
+    @staticmethod
+    def _retryable(wf: Workflow, ref: AttemptRef, exc: BaseException) -> bool:
+        policy = wf.retry_for(ref.step, ref.kind)
+        return not isinstance(exc, SagaError) and policy.is_retryable(exc)
+
+    def _run_in_transaction(
+        self,
+        wf: Workflow,
+        claim: Claim,
+        token: str,
+        lease: Lease,
+        delivery: Delivery,
+        runner: TransactionalStep,
+        ctx: StepContext,
+    ) -> tuple[str, tuple[Claim, str] | None]:
+        """Run a transactional step: its code's writes, its completion and the claim of the
+        step it chains commit in one transaction, or none of them does."""
+        ref = claim.ref
+        plan = self._plan(wf, ref, delivery)
+        limit_ms = max(1, int(wf.time_limit_for(ref.step) * 1000))
+        committing = False
+        try:
+            with self.saga.engine.connect() as conn, conn.begin() as transaction:
+                conn.exec_driver_sql(f"SET LOCAL statement_timeout = {limit_ms}")
+                result_json = self._call(wf, runner, replace(ctx, connection=conn), delivery)
+                if not transaction.is_active:
+                    raise SagaError(
+                        f"transactional step {ref.step!r} ended its transaction itself: "
+                        "it must neither commit nor roll back ctx.connection"
+                    )
+                if lease.lost:
+                    raise _LeaseLostError
+                faults.kill_if_armed("transactional.kill", f"before_commit:attempt{ref.attempt}")
+                done, chained = self._record(conn, wf, claim, token, plan, result_json)
+                committing = True
+            faults.kill_if_armed("transactional.kill", f"after_commit:attempt{ref.attempt}")
+        except _LeaseLostError:
+            logs.event(log, logging.WARNING, "completion refused: the lease was lost",
+                       run_id=ref.run_id, workflow=wf.name, step=ref.step)
+            return "duplicate", None
+        except Exception as exc:
+            if not committing:
+                return self._fail(wf, claim, exc, self._retryable(wf, ref, exc)), None
+            # The commit's outcome is unknown: whether it happened decides, never a re-run.
+            done, chained = self._recorded(wf, claim, token, plan)
+            if done is None:
+                return self._fail(wf, claim, exc, self._retryable(wf, ref, exc)), None
+        return self._finish(wf, claim, done, chained, plan)
 
     def _chainable(
         self, wf: Workflow, ref: AttemptRef, release: tuple[str, ...], delivery: Delivery
@@ -242,45 +310,81 @@ class Executor:
             )
         ]
 
+    def _plan(self, wf: Workflow, ref: AttemptRef, delivery: Delivery) -> _Plan:
+        """What recording ``ref``'s completion touches, and which step it may chain."""
+        after = wf.after_map
+        if ref.kind == "step":
+            release: tuple[str, ...] = graph.dependents(after)[ref.step]
+        else:
+            release = tuple(sorted(graph.ancestors(after, ref.step)))
+        chain = self._chainable(wf, ref, release, delivery)
+        return _Plan(release, [wf.route(s) for s in release], chain, self._token())
+
+    def _record(
+        self, conn: Any, wf: Workflow, claim: Claim, token: str, plan: _Plan, result_json: str
+    ) -> tuple[Completion | None, Claim | None]:
+        """Record the completion on ``conn`` and claim the step it chains, if any."""
+        ref = claim.ref
+        done = self.saga.transitions.complete(
+            conn,
+            ref,
+            result_json,
+            token=token,
+            release=plan.release,
+            routes=plan.routes,
+            sink=ref.kind == "step" and not plan.release,
+            eager=self._dispatcher is not None,
+            republish_after=self.saga.settings.republish_after,
+            chain=plan.chain,
+            chain_token=plan.chain_token,
+        )
+        if done is None or done.chained is None:
+            return done, None
+        return done, self._claim_chained(conn, wf, done.chained, plan.chain_token)
+
+    def _recorded(
+        self, wf: Workflow, claim: Claim, token: str, plan: _Plan
+    ) -> tuple[Completion | None, Claim | None]:
+        """After a commit whose reply was lost: what it recorded, if it committed."""
+        ref = claim.ref
+
+        def look(conn: Any) -> tuple[Completion | None, Claim | None]:
+            done = self.saga.transitions.replay_completion(
+                conn, ref, token=token, release=plan.release, chain_token=plan.chain_token
+            )
+            if done is None or done.chained is None:
+                return done, None
+            return done, self._claim_chained(conn, wf, done.chained, plan.chain_token)
+
+        return self.saga.on_hot_path("complete", look, transaction=True)
+
     def _complete(
         self,
         wf: Workflow,
         claim: Claim,
         token: str,
         result_json: str,
-        fields: dict[str, Any],
         delivery: Delivery,
     ) -> tuple[str, tuple[Claim, str] | None]:
+        plan = self._plan(wf, claim.ref, delivery)
+        done, chained = self.saga.on_hot_path(
+            "complete",
+            lambda conn: self._record(conn, wf, claim, token, plan, result_json),
+            transaction=bool(plan.chain),
+        )
+        return self._finish(wf, claim, done, chained, plan)
+
+    def _finish(
+        self,
+        wf: Workflow,
+        claim: Claim,
+        done: Completion | None,
+        chained: Claim | None,
+        plan: _Plan,
+    ) -> tuple[str, tuple[Claim, str] | None]:
+        """After the completion's commit: publish what it made ready, move a stopping run."""
         ref = claim.ref
-        after = wf.after_map
-        if ref.kind == "step":
-            release: tuple[str, ...] = graph.dependents(after)[ref.step]
-        else:
-            release = tuple(sorted(graph.ancestors(after, ref.step)))
-        routes = [wf.route(s) for s in release]
-        eager = self._dispatcher is not None
-        chain = self._chainable(wf, ref, release, delivery)
-        chain_token = self._token()
-
-        def record(conn: Any) -> tuple[Completion | None, Claim | None]:
-            done = self.saga.transitions.complete(
-                conn,
-                ref,
-                result_json,
-                token=token,
-                release=release,
-                routes=routes,
-                sink=ref.kind == "step" and not release,
-                eager=eager,
-                republish_after=self.saga.settings.republish_after,
-                chain=chain,
-                chain_token=chain_token,
-            )
-            if done is None or done.chained is None:
-                return done, None
-            return done, self._claim_chained(conn, wf, done.chained, chain_token)
-
-        done, chained = self.saga.on_hot_path("complete", record, transaction=bool(chain))
+        fields = {"run_id": ref.run_id, "workflow": wf.name, "step": ref.step, "kind": ref.kind}
         if done is None:
             logs.event(log, logging.INFO, "completion of a stale attempt ignored", **fields)
             return "duplicate", None
@@ -290,7 +394,7 @@ class Executor:
             self._dispatcher.publish(wf, ref.run_id, ref.kind, done.queued, done.trace_context)
         if ref.kind == "step" and done.run_state in STOPPING:
             self.saga.in_transaction(lambda c: self.saga.lifecycle.advance(c, ref.run_id))
-        return "completed", None if chained is None else (chained, chain_token)
+        return "completed", None if chained is None else (chained, plan.chain_token)
 
     def _claim_chained(self, conn: Any, wf: Workflow, ref: AttemptRef, token: str) -> Claim | None:
         """Claim, in the completion's transaction, the step it made ready for this worker."""

@@ -8,12 +8,16 @@ costs a set lookup. Points:
 - ``hot_path.reply_lost:<statement>``: after a hot-path ``claim`` or ``complete`` statement
   committed, the connection's socket is shut down before the reply is used, so the caller
   sees the same error as when the reply is lost on the network.
+- ``transactional.kill:<before_commit|after_commit>:attempt<n>``: the worker process kills
+  itself (SIGKILL) just before, or just after, the transaction of a transactional step's
+  attempt ``n`` commits.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 
 from sqlalchemy import Connection
@@ -31,6 +35,13 @@ _ARMED = _parse(os.environ.get("SAGA_FAULTS", ""))
 def armed(point: str, detail: str) -> bool:
     """Whether ``point:detail`` is armed in this process."""
     return bool(_ARMED) and f"{point}:{detail}" in _ARMED
+
+
+def kill_if_armed(point: str, detail: str) -> None:
+    """SIGKILL this process if ``point:detail`` is armed: a crash at exactly this place."""
+    if armed(point, detail):
+        log.warning("fault point %s:%s: killing this process", point, detail)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cut_connection(conn: Connection, point: str) -> None:

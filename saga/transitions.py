@@ -327,8 +327,23 @@ class Transitions:
                 trace_context=row["trace_context"],
                 chained=_ref(ref, row["chained"]),
             )
-        replay = {k: params[k] for k in ("run_id", "kind", "step", "attempt", "release")}
-        replay |= {"token": token, "chain_token": chain_token}
+        return self.replay_completion(
+            conn, ref, token=token, release=release, chain_token=chain_token
+        )
+
+    def replay_completion(
+        self,
+        conn: Connection,
+        ref: AttemptRef,
+        *,
+        token: str,
+        release: Sequence[str],
+        chain_token: str = "",
+    ) -> Completion | None:
+        """What the completion of ``ref`` under claim ``token`` did, if it committed (its
+        reply may have been lost); ``None`` if it did not. Changes nothing."""
+        replay = {"run_id": ref.run_id, "kind": ref.kind, "step": ref.step, "attempt": ref.attempt}
+        replay |= {"release": list(release), "token": token, "chain_token": chain_token}
         again = conn.execute(self._replay_completion, replay).mappings().first()
         if again is None:
             return None

@@ -4,5 +4,14 @@ definition hash; none imports Celery (the worker passes a :class:`TaskCaller` in
 from saga.steps.base import StepRunner, TaskCaller
 from saga.steps.celery_task import CeleryTaskStep
 from saga.steps.function import FunctionStep
+from saga.steps.transactional import TransactionalStep, is_transactional, transactional
 
-__all__ = ["CeleryTaskStep", "FunctionStep", "StepRunner", "TaskCaller"]
+__all__ = [
+    "CeleryTaskStep",
+    "FunctionStep",
+    "StepRunner",
+    "TaskCaller",
+    "TransactionalStep",
+    "is_transactional",
+    "transactional",
+]
