@@ -29,6 +29,9 @@ class Settings:
     may have lost it); each further time waits eight times longer. With
     ``eager_dispatch`` a worker publishes the steps its completion made ready itself, right
     after the commit, instead of waiting for the relay; the outbox row stays the fallback.
+    A caller waiting on a run (:meth:`~saga.handles.RunHandle.wait`) is woken by the database's
+    notification, and reads the run every ``wait_poll_interval`` seconds as well in case one
+    was lost.
     """
 
     schema: str = "saga"
@@ -38,21 +41,22 @@ class Settings:
     heartbeat_timeout: float = 15.0
     republish_after: float = 300.0
     eager_dispatch: bool = True
+    wait_poll_interval: float = 5.0
 
     def __post_init__(self) -> None:
         check_schema_name(self.schema)
         for name in ("max_input_bytes", "max_result_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("lease_grace", "heartbeat_timeout", "republish_after"):
+        for name in ("lease_grace", "heartbeat_timeout", "republish_after", "wait_poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``SAGA_SCHEMA``, ``SAGA_MAX_INPUT_BYTES``, ``SAGA_LEASE_GRACE``,
-        ``SAGA_HEARTBEAT_TIMEOUT``, ``SAGA_REPUBLISH_AFTER`` and ``SAGA_EAGER_DISPATCH``, with
-        ``overrides`` on top."""
+        ``SAGA_HEARTBEAT_TIMEOUT``, ``SAGA_REPUBLISH_AFTER``, ``SAGA_EAGER_DISPATCH`` and
+        ``SAGA_WAIT_POLL_INTERVAL``, with ``overrides`` on top."""
         env: dict[str, object] = {}
         for key, name, conv in (
             ("SAGA_SCHEMA", "schema", str),
@@ -61,6 +65,7 @@ class Settings:
             ("SAGA_HEARTBEAT_TIMEOUT", "heartbeat_timeout", float),
             ("SAGA_REPUBLISH_AFTER", "republish_after", float),
             ("SAGA_EAGER_DISPATCH", "eager_dispatch", _flag),
+            ("SAGA_WAIT_POLL_INTERVAL", "wait_poll_interval", float),
         ):
             if key in os.environ:
                 env[name] = conv(os.environ[key])

@@ -57,10 +57,13 @@ ORDER BY created_at DESC LIMIT :limit
 """
 _OPERATOR_COUNT = "SELECT count(*) FROM {runs} WHERE state = 'compensation_failed'"
 _RUN_BY_ID = "SELECT * FROM {runs} WHERE id = :id"
+# The newest run of each workflow under the key (a key names one run at a time, the newest).
 _RUN_BY_KEY = """
-SELECT * FROM {runs}
-WHERE workflow = ANY(CAST(:workflows AS text[])) AND business_key = :key
-ORDER BY created_at DESC LIMIT 2
+SELECT * FROM (
+    SELECT DISTINCT ON (workflow) * FROM {runs}
+    WHERE workflow = ANY(CAST(:workflows AS text[])) AND business_key = :key
+    ORDER BY workflow, created_at DESC
+) newest ORDER BY created_at DESC LIMIT 2
 """
 _STEPS = """
 SELECT kind, step, state, attempt, first_attempt, worker, created_at, started_at, finished_at,
@@ -116,8 +119,8 @@ def waiting_for_operator(conn: Connection, tables: Tables, limit: int) -> tuple[
 
 
 def find_run(conn: Connection, tables: Tables, ref: str) -> Row:
-    """The run whose id or business key is ``ref``; ``NOT_FOUND`` if none, or if the key
-    names runs of several workflows."""
+    """The run whose id or business key is ``ref`` (the key's newest run); ``NOT_FOUND`` if
+    none, or if the key names runs of several workflows."""
     rows: Sequence[Any] = []
     with contextlib.suppress(ValueError):
         rows = conn.execute(tables.sql(_RUN_BY_ID), {"id": uuid.UUID(ref)}).mappings().all()
@@ -209,7 +212,7 @@ def list_runs(conn: Connection, tables: Tables, f: ListFilter) -> list[Row]:
             where.append("state = ANY(CAST(:states AS text[]))")
             params["states"] = list(f.states)
         if f.key is not None and f.workflow is None:
-            # Use uq_runs_workflow_business_key, one probe per workflow.
+            # Use ix_runs_workflow_business_key_created_at, one probe per workflow.
             where.append("workflow = ANY(CAST(:workflows AS text[]))")
             params["workflows"] = workflows(conn, tables)
         clause = ("WHERE " + " AND ".join(where)) if where else ""
