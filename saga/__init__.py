@@ -6,9 +6,9 @@ beside your workers.
 """
 
 from saga.app import ConfigurationError, Saga
+from saga.canvas import from_canvas
 from saga.context import JSON, StepContext
 from saga.definition import Step, Workflow
-from saga.canvas import from_canvas
 from saga.errors import (
     DefinitionError,
     DefinitionMismatchError,

@@ -116,17 +116,17 @@ def test_new_after_finish_returns_the_unfinished_run_then_starts_a_new_one_the_k
 
 def test_the_database_refuses_a_second_unfinished_run_of_one_key(saga_engine: Saga) -> None:
     first = saga_engine.start_now("k.plain", {"order": 1}, key="order-1")
-    with pytest.raises(IntegrityError, match="uq_runs_workflow_business_key_unfinished"):
-        with saga_engine.engine.begin() as conn:
-            conn.execute(
-                text(
-                    "INSERT INTO saga.runs (id, workflow, version, definition_hash, input, "
-                    "steps_remaining, business_key) SELECT gen_random_uuid(), workflow, "
-                    "version, definition_hash, input, 1, business_key FROM saga.runs "
-                    "WHERE id = :id"
-                ),
-                {"id": first.run_id},
-            )
+    refused = pytest.raises(IntegrityError, match="uq_runs_workflow_business_key_unfinished")
+    with refused, saga_engine.engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO saga.runs (id, workflow, version, definition_hash, input, "
+                "steps_remaining, business_key) SELECT gen_random_uuid(), workflow, "
+                "version, definition_hash, input, 1, business_key FROM saga.runs "
+                "WHERE id = :id"
+            ),
+            {"id": first.run_id},
+        )
 
 
 def test_two_concurrent_starts_of_a_finished_key_start_one_new_run(saga_engine: Saga) -> None:
