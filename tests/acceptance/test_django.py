@@ -5,7 +5,6 @@ run commit together or not at all; ``manage.py saga_migrate`` makes saga's schem
 
 from __future__ import annotations
 
-import os
 import secrets
 import sys
 from collections.abc import Iterator
@@ -37,17 +36,20 @@ def shop_db() -> Iterator[str]:
     schema made by ``manage.py saga_migrate`` and the shop's table by ``migrate``."""
     name = db.random_name()
     db.create_database(name)
-    os.environ["SHOP_DATABASE_URL"] = db.libpq_url(name)
-    os.environ["SHOP_QUEUE"] = QUEUE
-    os.environ["DJANGO_SETTINGS_MODULE"] = "shopsite.settings"
-    sys.path.insert(0, str(PROJECT))
-    import django
-    from django.core.management import call_command
-
-    django.setup()
-    call_command("saga_migrate", verbosity=0)
-    call_command("migrate", run_syncdb=True, verbosity=0)
+    # Only for this module: other tests' worker processes inherit this process's environment,
+    # and Celery sets Django up in any process that has DJANGO_SETTINGS_MODULE.
+    env = pytest.MonkeyPatch()
+    env.setenv("SHOP_DATABASE_URL", db.libpq_url(name))
+    env.setenv("SHOP_QUEUE", QUEUE)
+    env.setenv("DJANGO_SETTINGS_MODULE", "shopsite.settings")
+    env.syspath_prepend(str(PROJECT))
     try:
+        import django
+        from django.core.management import call_command
+
+        django.setup()
+        call_command("saga_migrate", verbosity=0)
+        call_command("migrate", run_syncdb=True, verbosity=0)
         yield name
     finally:
         from django.db import connections
@@ -56,6 +58,7 @@ def shop_db() -> Iterator[str]:
 
         connections.close_all()
         saga_django.engine().engine.dispose()
+        env.undo()
         db.drop_database(name)
 
 
