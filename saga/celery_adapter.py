@@ -85,7 +85,8 @@ def install(app: Celery, saga: Saga) -> Celery:
     executor = Executor(saga, publisher=lambda: CeleryPublisher(app))
     caller = _TaskCaller(app)
 
-    @app.task(bind=True, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+    # Not shared: another Celery app in this process gets its own (with its own engine).
+    @app.task(bind=True, shared=False, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
     def execute(self: Any, *args: Any, **kwargs: Any) -> str:
         if args:
             logs.event(log, logging.WARNING, "dropped a step message with positional args")

@@ -8,6 +8,7 @@ import json
 import secrets
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import redis
 from celery import Celery
 
 import saga
-from saga.celery_adapter import CeleryPublisher, worker_warning
+from saga.celery_adapter import CeleryPublisher, engine_of, worker_warning
 from saga.messages import Envelope, StepMessage
 from tests.support.procs import Supervisor
 from tests.support.waiting import wait_until
@@ -99,6 +100,21 @@ def test_install_changes_no_setting_of_the_app_nor_of_its_other_tasks(
         "user.plain": "application/x-python-serialize",
         "saga.execute": "application/json",
     }
+
+
+def test_two_apps_in_one_process_each_run_saga_with_their_own_engine(engine: saga.Saga) -> None:
+    other = saga.Saga(saga.Registry(), database_url="postgresql://127.0.0.1/saga_install_other")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # Celery warns when a task name is taken
+            first, second = Celery("first", broker="memory://"), Celery("second", broker="memory://")
+            saga.install(first, engine)
+            saga.install(second, other)
+            ours, theirs = first.tasks["saga.execute"], second.tasks["saga.execute"]
+        assert ours.run is not theirs.run
+        assert engine_of(first) is engine and engine_of(second) is other
+    finally:
+        other.engine.dispose()
 
 
 def test_the_worker_warning_names_each_setting_saga_wants_and_only_for_its_queues() -> None:

@@ -30,11 +30,11 @@ def _task(name: str) -> Any:
 
 
 reserve, charge, label, receipt, mark_fulfilled = (
-    _task(f"harbor.{n}") for n in ("reserve", "charge", "label", "receipt", "mark_fulfilled")
+    _task(f"it.{n}") for n in ("reserve", "charge", "label", "receipt", "mark_fulfilled")
 )
 
 
-@app.task(name="harbor.replaced", bind=True)  # type: ignore[untyped-decorator]
+@app.task(name="it.replaced", bind=True)  # type: ignore[untyped-decorator]
 def replaced(self: Any, order: int) -> Any:
     return self.replace(label.s(order))
 

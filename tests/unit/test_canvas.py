@@ -24,7 +24,7 @@ def _task(name: str) -> Any:
 
 
 reserve, charge, label, receipt, mark_fulfilled = (
-    _task(f"harbor.{n}") for n in ("reserve", "charge", "label", "receipt", "mark_fulfilled")
+    _task(f"seed.{n}") for n in ("reserve", "charge", "label", "receipt", "mark_fulfilled")
 )
 
 
@@ -36,30 +36,30 @@ def harbor(order: int) -> Any:
 
 
 def test_the_harbor_canvas_becomes_its_tasks_in_celerys_order() -> None:
-    converted = from_canvas("harbor.canvas", harbor(7))
+    converted = from_canvas("seed.canvas", harbor(7))
     assert converted.workflow.after_map == {
-        "harbor.reserve": (),
-        "harbor.charge": ("harbor.reserve",),
-        "harbor.label": ("harbor.charge",),
-        "harbor.receipt": ("harbor.charge",),
-        "harbor.mark_fulfilled": ("harbor.label", "harbor.receipt"),
+        "seed.reserve": (),
+        "seed.charge": ("seed.reserve",),
+        "seed.label": ("seed.charge",),
+        "seed.receipt": ("seed.charge",),
+        "seed.mark_fulfilled": ("seed.label", "seed.receipt"),
     }
     assert converted.input == {
         "canvas": {
-            "harbor.reserve": {"args": [7], "kwargs": {}, "feed": None},
-            "harbor.charge": {"args": [], "kwargs": {}, "feed": "harbor.reserve"},
-            "harbor.label": {"args": [], "kwargs": {}, "feed": "harbor.charge"},
-            "harbor.receipt": {"args": [], "kwargs": {}, "feed": "harbor.charge"},
+            "seed.reserve": {"args": [7], "kwargs": {}, "feed": None},
+            "seed.charge": {"args": [], "kwargs": {}, "feed": "seed.reserve"},
+            "seed.label": {"args": [], "kwargs": {}, "feed": "seed.charge"},
+            "seed.receipt": {"args": [], "kwargs": {}, "feed": "seed.charge"},
             # Immutable: it runs after the group, and gets only its own arguments.
-            "harbor.mark_fulfilled": {"args": [7], "kwargs": {}, "feed": None},
+            "seed.mark_fulfilled": {"args": [7], "kwargs": {}, "feed": None},
         }
     }
 
 
 def test_canvases_built_alike_with_other_arguments_are_one_workflow() -> None:
     assert (
-        from_canvas("harbor.canvas", harbor(1)).workflow.definition_hash
-        == from_canvas("harbor.canvas", harbor(2)).workflow.definition_hash
+        from_canvas("seed.canvas", harbor(1)).workflow.definition_hash
+        == from_canvas("seed.canvas", harbor(2)).workflow.definition_hash
     )
 
 
@@ -70,22 +70,22 @@ def test_a_chord_body_gets_the_group_results_in_order_and_a_chain_the_previous_r
     )
     converted = from_canvas("c", canvas)
     calls = converted.input["canvas"]
-    assert calls["harbor.mark_fulfilled"]["feed"] == ["harbor.label", "harbor.receipt"]
-    assert calls["harbor.receipt"] == {"args": [], "kwargs": {"x": 2}, "feed": "harbor.charge"}
+    assert calls["seed.mark_fulfilled"]["feed"] == ["seed.label", "seed.receipt"]
+    assert calls["seed.receipt"] == {"args": [], "kwargs": {"x": 2}, "feed": "seed.charge"}
 
     def ctx(step: str, results: dict[str, Any]) -> StepContext:
         return StepContext("r", "c", step, "step", 1, converted.input, results, "k")
 
-    body = ctx("harbor.mark_fulfilled", {"harbor.receipt": "R", "harbor.label": "L"})
+    body = ctx("seed.mark_fulfilled", {"seed.receipt": "R", "seed.label": "L"})
     assert canvas_args(body) == [["L", "R"], 9]
-    assert canvas_args(ctx("harbor.charge", {"harbor.reserve": "res"})) == ["res"]
-    assert canvas_kwargs(ctx("harbor.receipt", {"harbor.charge": "ch"})) == {"x": 2}
+    assert canvas_args(ctx("seed.charge", {"seed.reserve": "res"})) == ["res"]
+    assert canvas_kwargs(ctx("seed.receipt", {"seed.charge": "ch"})) == {"x": 2}
 
 
 def test_a_task_used_twice_gets_a_step_of_its_own_each_time() -> None:
     converted = from_canvas("twice", chain(label.s(1), label.s(), group(label.s(), receipt.s())))
     assert converted.workflow.step_names == (
-        "harbor.label", "harbor.label-2", "harbor.label-3", "harbor.receipt",
+        "seed.label", "seed.label-2", "seed.label-3", "seed.receipt",
     )
 
 
@@ -94,10 +94,10 @@ def test_a_group_and_a_chord_inside_a_group_are_converted() -> None:
         "nested", group(chord([label.s(1), receipt.s(2)], charge.s()), reserve.s(3))
     )
     assert converted.workflow.after_map == {
-        "harbor.label": (),
-        "harbor.receipt": (),
-        "harbor.charge": ("harbor.label", "harbor.receipt"),
-        "harbor.reserve": (),
+        "seed.label": (),
+        "seed.receipt": (),
+        "seed.charge": ("seed.label", "seed.receipt"),
+        "seed.reserve": (),
     }
 
 
@@ -106,11 +106,11 @@ def test_queue_priority_and_time_limit_options_become_the_steps() -> None:
         reserve.s(1).set(queue="stock", priority=3), charge.s().set(time_limit=20)
     )
     wf = from_canvas("opts", canvas, queue="harbor").workflow
-    assert wf.route("harbor.reserve") == {
-        "step": "harbor.reserve", "queue": "stock", "priority": 3, "time_limit": 300.0,
+    assert wf.route("seed.reserve") == {
+        "step": "seed.reserve", "queue": "stock", "priority": 3, "time_limit": 300.0,
     }
-    assert wf.route("harbor.charge")["queue"] == "harbor"
-    assert wf.time_limit_for("harbor.charge") == 20
+    assert wf.route("seed.charge")["queue"] == "harbor"
+    assert wf.time_limit_for("seed.charge") == 20
 
 
 @pytest.mark.parametrize(
@@ -139,23 +139,23 @@ def test_what_saga_cannot_honour_is_refused_by_name(canvas: Any, fragment: str) 
 def test_a_refused_task_option_names_its_step() -> None:
     with pytest.raises(DefinitionError) as caught:
         from_canvas("refused", chain(reserve.s(1), charge.s().set(eta="2030-01-01T00:00:00")))
-    assert caught.value.steps == ("harbor.charge",)
+    assert caught.value.steps == ("seed.charge",)
     assert "canvas.tasks[1]" in str(caught.value)
 
 
 def test_a_canvas_of_the_registered_shape_runs_as_the_registered_workflow() -> None:
     registry = Registry()
-    first = as_registered(registry, "harbor.canvas", harbor(1))
-    assert registry.get("harbor.canvas") is first.workflow
-    second = as_registered(registry, "harbor.canvas", harbor(2))
+    first = as_registered(registry, "seed.canvas", harbor(1))
+    assert registry.get("seed.canvas") is first.workflow
+    second = as_registered(registry, "seed.canvas", harbor(2))
     assert second.workflow is first.workflow
-    assert second.input["canvas"]["harbor.reserve"]["args"] == [2]
+    assert second.input["canvas"]["seed.reserve"]["args"] == [2]
 
     with pytest.raises(DefinitionError, match="differ from those of registered version 1"):
-        as_registered(registry, "harbor.canvas", chain(reserve.s(1), charge.s()))
+        as_registered(registry, "seed.canvas", chain(reserve.s(1), charge.s()))
     moved = chain(
         reserve.s(1), charge.s().set(queue="payments"), group(label.s(), receipt.s()),
         mark_fulfilled.si(1),
     )
     with pytest.raises(DefinitionError, match="sets queue 'payments'"):
-        as_registered(registry, "harbor.canvas", moved)
+        as_registered(registry, "seed.canvas", moved)
