@@ -7,8 +7,9 @@ a run, publishes with ``saga.relay.Relay(...).publish_batch()`` and a dummy publ
 executes step messages with ``saga.executor.Executor(saga).execute(message)``, where a message
 is built from the outbox row joined with its run, exactly as the relay builds it.
 
-The engine is the one ``saga.Saga(registry, database_url=...)`` creates by default (pool of 5,
-``pool_pre_ping=True``). Two counts per phase:
+The engine is the one ``saga.Saga(registry, database_url=...)`` creates by default (pool of
+5 + 5, no pre-ping). The chained phases run an executor that consumes the steps' queue, as a
+Celery worker does: a completion claims the next step in its own transaction. Two counts per phase:
 
 - SQLAlchemy level: ``before_cursor_execute`` (statements), ``begin``/``commit``/``rollback``
   events, and pre-pings (``dialect.do_ping`` wrapped here), which no cursor event sees;
@@ -331,6 +332,26 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a linear scri
     )
     measure(counters, "fan: join (finishes the run)", lambda: run_step(fan, "join"), rows)
 
+    # In-process chaining, as a Celery worker consuming the queue does it.
+    chaining = Executor(engine, queues=lambda: {apps.QUEUE})
+    chained = start_one(apps.linear)
+    out = measure(
+        counters,
+        "chained: one delivery runs all 3 linear steps",
+        lambda: chaining.execute(message(chained, "first")),
+        rows,
+    )
+    assert out == "completed", out
+    fan_chained = start_one(apps.fan)
+    for b in branches[:-1]:
+        chaining.execute(message(fan_chained, b))
+    measure(
+        counters,
+        "chained: fan's last branch + the join it chains",
+        lambda: chaining.execute(message(fan_chained, branches[-1])),
+        rows,
+    )
+
     with engine.engine.begin() as conn:
         for _ in range(args.batch):
             engine.start(conn, apps.linear, {})
@@ -349,10 +370,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: PLR0915 - a linear scri
     with engine.engine.connect() as conn:  # lets libpq read (and trace) the last replies
         conn.exec_driver_sql("SELECT 1").scalar()
     wire_counts(counters, rows)
-    state = side.execute(
-        "SELECT state, finished_at IS NOT NULL FROM saga.runs WHERE id = %s", (run,)
-    ).fetchone()
-    assert state == ("completed", True), state
+    for run_id in (run, fan, chained, fan_chained):
+        state = side.execute(
+            "SELECT state, finished_at IS NOT NULL FROM saga.runs WHERE id = %s", (run_id,)
+        ).fetchone()
+        assert state == ("completed", True), state
 
     print(
         f"{'phase':52} {'stmts':>5} {'pings':>5} {'BEGIN':>5} {'trips':>5} "

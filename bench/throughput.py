@@ -46,7 +46,8 @@ import psycopg
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-DB_NAME = "saga_bench"
+DB_NAME = os.environ.get("SAGA_BENCH_DB", "saga_bench")
+"""The scratch database (dropped and created): another name lets two benchmarks run at once."""
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres"
 DATABASE_URL = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}"
 REDIS_URL = "redis://127.0.0.1:6379/4"
@@ -488,7 +489,40 @@ def print_table(res: dict[str, Any]) -> None:
         f"commits/s implied: {round(lin['steps_per_s'] * lin['commits_per_step'])}"
     )
     print(f"single-connection one-row commits/s (this run): {res['pg_one_row_commits_per_s']}")
+    if "preloaded" in res:
+        pre = res["preloaded"]
+        print(
+            f"with {pre['runs']:,} finished runs in the tables: linear {pre['linear']['per_s']} "
+            f"runs/s ({ratio(pre['linear']['per_s'], lin['per_s'])} of empty), fan "
+            f"{pre['fan']['per_s']} runs/s ({ratio(pre['fan']['per_s'], fan['per_s'])} of empty)"
+        )
+        print("plans of the hot statements, with the tables preloaded:")
+        print(pre["explain"])
+    if "relay" in res:
+        r = res["relay"]
+        print(
+            f"relay alone: {r['rows_per_s']:,} rows/s to Redis ({r['publish_us_per_row']} us per "
+            f"row publishing, {r['db_ms_per_batch']} ms per batch of 200 in PostgreSQL)"
+        )
     print(f"reference figures from the issue: {REFERENCE}")
+
+
+def preloaded(
+    saga_side: SagaSide, apps: Any, args: argparse.Namespace, stats: Stats, bg: float
+) -> dict[str, Any]:
+    """The saga workloads again, with ``args.preload`` finished runs in the tables."""
+    from bench.preload import explain, preload
+
+    dsn = PG_DSN + f" dbname={DB_NAME}"
+    out: dict[str, Any] = {"runs": args.preload, "load_s": preload(dsn, args.preload, apps.linear)}
+    print(f"preloaded {args.preload} finished runs: {out['load_s']}", flush=True)
+    out["linear"] = saga_side.workload(apps.linear, args.runs, stats, bg)
+    print("saga linear (preloaded):", json.dumps(out["linear"]), flush=True)
+    out["fan"] = saga_side.workload(apps.fan, args.fan_runs, stats, bg)
+    print("saga fan (preloaded):", json.dumps(out["fan"]), flush=True)
+    saga_side.start_runs(apps.linear, 1)  # a ready step for the plans' parameters
+    out["explain"] = explain(dsn)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear script
@@ -498,6 +532,21 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear 
     ap.add_argument("--batch", type=int, default=100, help="saga runs started per transaction")
     ap.add_argument("--probe", type=int, default=30, help="runs in each idle-latency probe")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--preload",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then write N finished runs into the tables, measure saga's two workloads again "
+        "and print EXPLAIN of the hot statements",
+    )
+    ap.add_argument(
+        "--relay-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure the relay alone publishing N outbox rows to a private Redis",
+    )
     ap.add_argument(
         "--private-redis",
         type=int,
@@ -593,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear 
         res["celery"]["probe_chain"] = celery_side.idle_probe("chain", args.probe)
         res["saga"]["probe_fan"] = saga_side.idle_probe(apps.fan, args.probe)
         res["celery"]["probe_chord"] = celery_side.idle_probe("chord", args.probe)
+        if args.preload:
+            res["preloaded"] = preloaded(saga_side, apps, args, stats, bg)
     finally:
         procs.stop()
         if saga_side is not None:
@@ -600,6 +651,12 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear 
             saga_side.saga.engine.dispose()
         stats.close()
     res["pg_one_row_commits_per_s"] = round(one_row_commits_per_s())
+    if args.relay_rows:
+        from bench.relay_throughput import measure
+
+        port = (args.private_redis or 6396) + 1
+        res["relay"] = measure(args.relay_rows, 200, port)
+        print("relay alone:", json.dumps(res["relay"]), flush=True)
     res["loadavg_end"] = os.getloadavg()
     print_table(res)
     if args.json:

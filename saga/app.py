@@ -18,10 +18,12 @@ from sqlalchemy.orm import Session
 
 from saga import faults, telemetry
 from saga.definition import Workflow
+from saga.dispatch import Dispatcher
 from saga.errors import InvalidTransitionError, SagaError, UnknownRunError
 from saga.handles import RunHandle, RunWatcher
 from saga.keys import KeyPolicy, is_unfinished_key_conflict, rerun_refusal
 from saga.lifecycle import Lifecycle
+from saga.messages import Publisher
 from saga.registry import Registry
 from saga.settings import Settings
 from saga.starting import Executes, Started, Starter
@@ -72,7 +74,11 @@ class Saga:
         self.settings = settings or Settings.from_env()
         if engine is None:
             url = normalize_url(database_url) if database_url else database_url_from_env()
-            engine = create_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+            # No pre-ping: it is a round trip (and a transaction PostgreSQL counts) on every
+            # checkout, and the hot path takes a connection per statement. A connection found
+            # dead is retried once on a fresh one instead (see ``on_hot_path``), and
+            # SQLAlchemy then renews the whole pool.
+            engine = create_engine(url, pool_size=5, max_overflow=5)
         self.engine = engine
         # Shares the engine's pool; every connection it hands out is in autocommit.
         self._autocommit_engine = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -80,6 +86,9 @@ class Saga:
         self.transitions = Transitions(self.tables)
         self.lifecycle = Lifecycle(self.tables, registry)
         self._starter = Starter(self.tables, self.settings)
+        self.dispatcher: Dispatcher | None = None
+        """Publishes what starts and completions make ready after their commit (set by
+        :meth:`use_publisher`); without one, the relay publishes everything."""
 
     # -- starting ----------------------------------------------------------------------------
 
@@ -99,10 +108,16 @@ class Saga:
         happens (:class:`~saga.keys.KeyPolicy`; by default the existing run is returned). The
         current trace context goes with the run. The returned handle can :meth:`~Started.wait`
         for the run's outcome once the transaction has committed."""
+        wf = self._workflow(workflow, version)
+        trace = telemetry.capture_context()
+        prompt = self.dispatcher is not None and isinstance(target, Session)
         started = self._starter.start(
-            target, self._workflow(workflow, version), input, key=key, key_policy=key_policy,
-            trace_context=telemetry.capture_context(),
+            target, wf, input, key=key, key_policy=key_policy, trace_context=trace,
+            published=prompt,
         )
+        if prompt and started.created:
+            assert self.dispatcher is not None and isinstance(target, Session)
+            self.dispatcher.after_commit(target, wf, started.run_id, trace)
         return replace(started, _watcher=self.watcher)
 
     async def start_async(
@@ -116,7 +131,8 @@ class Saga:
         key_policy: KeyPolicy | str | None = None,
     ) -> Started:
         """:meth:`start` in the caller's ``AsyncSession`` or ``AsyncConnection`` (SQLAlchemy's
-        asyncio API, e.g. ``postgresql+psycopg://`` with ``create_async_engine``)."""
+        asyncio API, e.g. ``postgresql+psycopg://`` with ``create_async_engine``). Its first
+        steps go out through the relay (no prompt start after an async commit yet)."""
         started = await self._starter.start_async(
             target, self._workflow(workflow, version), input, key=key, key_policy=key_policy,
             trace_context=telemetry.capture_context(),
@@ -132,9 +148,18 @@ class Saga:
         key_policy: KeyPolicy | str | None = None,
     ) -> Started:
         """Start a run in a transaction of its own, committed when this returns (for scripts,
-        tests and callers with no transaction of their own)."""
-        with self.engine.begin() as conn:
-            return self.start(conn, workflow, input, key=key, key_policy=key_policy)
+        tests and callers with no transaction of their own); its first steps go out as soon
+        as it commits."""
+        with Session(self.engine) as session, session.begin():
+            return self.start(session, workflow, input, key=key, key_policy=key_policy)
+
+    def use_publisher(self, make_publisher: Callable[[], Publisher]) -> None:
+        """Publish the messages this engine's starts (in a Session, or ``start_now``) and
+        completions make ready right after their commit, with a publisher from
+        ``make_publisher`` (:func:`saga.install` calls this with the Celery app's); the relay
+        stays the fallback. Off with ``Settings(eager_dispatch=False)``."""
+        if self.settings.eager_dispatch:
+            self.dispatcher = Dispatcher(self, make_publisher)
 
     def start_canvas(
         self,
@@ -159,7 +184,8 @@ class Saga:
     def rerun(self, ref: str) -> Started:
         """Start a finished run (id or business key) again as a new run of its workflow's
         newest version, with its input and key; the key then names the new run."""
-        with self.engine.begin() as conn:
+        with Session(self.engine) as session, session.begin():
+            conn = session.connection()
             run = self.lifecycle.runs.find(conn, self.resolve_run(conn, ref))[0]
             key = run["business_key"]
             latest = self.lifecycle.runs.find(conn, key, run["workflow"]) if key else [run]
@@ -167,7 +193,7 @@ class Saga:
             if refusal:
                 raise InvalidTransitionError(refusal)
             return self.start(
-                conn, run["workflow"], run["input"], key=key,
+                session, run["workflow"], run["input"], key=key,
                 key_policy=KeyPolicy.NEW_AFTER_FINISH,
             )
 
@@ -246,26 +272,40 @@ class Saga:
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    def on_hot_path(self, name: str, statement: Callable[[Connection], T]) -> T:
-        """Run one guarded hot-path statement (``name``: ``claim`` or ``complete``) on an
-        autocommit connection of the engine's pool, held only for the statement.
+    def on_hot_path(
+        self, name: str, statement: Callable[[Connection], T], *, transaction: bool = False
+    ) -> T:
+        """Run guarded hot-path statements (``name``: ``claim`` or ``complete``) on a
+        connection of the engine's pool, held only for them: one statement in autocommit, or
+        with ``transaction`` several in one transaction (a completion and the claim of the
+        step it chains).
 
         Holding nothing while a step's code runs keeps the pool free for that code and for the
-        slow path. If the connection turns out to be dead, the statement runs once more on a
-        fresh one: claims and completions are guarded and replayable, so a retry of one that
-        did commit finds what it did."""
+        slow path. If the connection turns out to be dead, the statements run once more on a
+        fresh one: claims and completions are guarded and replayable, so a retry of what did
+        commit finds what it did."""
         for attempt in (1, 2):
             try:
+                if transaction:
+                    with self.engine.connect() as conn:
+                        with conn.begin():
+                            result = statement(conn)
+                        self._maybe_lose_reply(conn, name, attempt)
+                        return result
                 with self._autocommit_engine.connect() as conn:
                     result = statement(conn)
-                    if attempt == 1 and faults.armed("hot_path.reply_lost", name):
-                        faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
-                        result = statement(conn)  # fails: the reply is lost
+                    self._maybe_lose_reply(conn, name, attempt)
                     return result
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _maybe_lose_reply(conn: Connection, name: str, attempt: int) -> None:
+        if attempt == 1 and faults.armed("hot_path.reply_lost", name):
+            faults.cut_connection(conn, f"hot_path.reply_lost:{name}")
+            conn.exec_driver_sql("SELECT 1")  # fails: as if the reply had been lost
 
     def connect_raw(self, timeout: float = 5.0) -> psycopg.Connection[Any]:
         """A psycopg connection of its own, outside the engine's pool, in autocommit: for a
@@ -280,6 +320,17 @@ class Saga:
         belong to the parent)."""
         self.engine.dispose(close=False)
 
+    def in_transaction(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` in a transaction of its own, once more on a fresh connection if the
+        first turned out to be dead (for the slow path's guarded, idempotent transitions)."""
+        for attempt in (1, 2):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn)
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
     def _in_tx(self, fn: Callable[[Connection], T]) -> T:
-        with self.engine.begin() as conn:
-            return fn(conn)
+        return self.in_transaction(fn)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import math
+import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -18,7 +20,7 @@ from typing import Any
 from celery import Celery, signals
 from celery.exceptions import Ignore
 
-from saga import logs, telemetry
+from saga import codec, logs, telemetry
 from saga.app import Saga
 from saga.context import JSON
 from saga.errors import PermanentError, SagaError
@@ -82,16 +84,25 @@ def install(app: Celery, saga: Saga) -> Celery:
     acks_late, no result; :data:`TASK_OPTIONS`) and the worker checks. No setting of the app
     or of its other tasks changes; :data:`WORKER_SETTINGS` are checked at worker start."""
     _ENGINES[app] = saga
-    executor = Executor(saga, publisher=lambda: CeleryPublisher(app))
+    saga.use_publisher(lambda: CeleryPublisher(app))
+    executor = Executor(saga, queues=lambda: consumed_queues(app))
     caller = _TaskCaller(app)
 
     # Not shared: another Celery app in this process gets its own (with its own engine).
-    @app.task(bind=True, shared=False, **TASK_OPTIONS)  # type: ignore[untyped-decorator]
+    @app.task(  # type: ignore[untyped-decorator]
+        bind=True, shared=False, Strategy=f"{__name__}:guarded_strategy", **TASK_OPTIONS
+    )
     def execute(self: Any, *args: Any, **kwargs: Any) -> str:
         if args:
             logs.event(log, logging.WARNING, "dropped a step message with positional args")
             return "malformed"
-        return executor.execute(kwargs, caller, telemetry.carrier_from_request(self.request))
+        hard = (getattr(self.request, "timelimit", None) or (None, None))[0]
+        return executor.execute(
+            kwargs,
+            caller,
+            telemetry.carrier_from_request(self.request),
+            deadline=time.monotonic() + float(hard) if hard else None,
+        )
 
     @signals.worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _fresh_pool(**_: Any) -> None:
@@ -102,7 +113,7 @@ def install(app: Celery, saga: Saga) -> Celery:
     def _check_worker(sender: Any = None, **_: Any) -> None:
         if sender is None or getattr(sender, "app", None) is not app:
             return
-        consumed = set(getattr(sender.app.amqp.queues, "consume_from", None) or {})
+        consumed = set(consumed_queues(app))
         queues = saga_queues(saga)
         refusal = refused_pool(str(sender.pool_cls), consumed, queues)
         if refusal:
@@ -128,6 +139,14 @@ def install(app: Celery, saga: Saga) -> Celery:
             log.warning(warning)
 
     return app
+
+
+def consumed_queues(app: Celery) -> frozenset[str]:
+    """The queues this worker process consumes (``-Q``, set before the pool forks; without it,
+    every queue the app declares)."""
+    queues = app.amqp.queues
+    consume_from = getattr(queues, "consume_from", None)
+    return frozenset(consume_from if consume_from is not None else queues)
 
 
 def saga_queues(saga: Saga) -> set[str]:
@@ -174,6 +193,157 @@ def worker_warning(conf: Mapping[str, Any], consumed: set[str], queues: set[str]
     )
 
 
+# -- poison messages -----------------------------------------------------------------------------
+#
+# Celery's consumer hands every message whose ``task`` header names saga.execute to the task's
+# strategy, in the worker's main process. Celery's default strategy assumes a well-formed
+# protocol 2 message: a body that is not ``[args, kwargs, embed]``, a missing ``id`` header or
+# a ``timelimit`` that is not a pair of numbers raises out of the consumer, and the worker's
+# main process exits (and on Redis the message comes back and kills the next worker too).
+# saga's step messages have one known shape, so the strategy below checks it first and drops
+# anything else with one log line, rejected without requeue: a RabbitMQ queue with a
+# dead-letter exchange gets the message there; Redis discards it.
+
+MAX_MESSAGE_BYTES = 64 * 1024
+"""The largest saga.execute body accepted (step messages carry ids and names: a few hundred
+bytes)."""
+MESSAGE_DEPTH = 4
+"""How deeply a saga.execute body may nest (``[args, {"run_id": ...}, embed]`` is 2)."""
+HEADER_TEXT_LIMIT = 4096
+"""The longest string a saga.execute message header may hold."""
+_TEXT_HEADERS = (
+    "lang", "root_id", "parent_id", "group", "shadow", "origin", "argsrepr", "kwargsrepr",
+    "eta", "expires", "meth",
+)
+_EMBED_KEYS = ("callbacks", "errbacks", "chain", "chord")
+
+
+def _is_limit(value: object) -> bool:
+    """A time limit Celery's pool can use: a finite number >= 0."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def _header_problem(headers: Mapping[Any, Any]) -> str | None:
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not 0 < len(task_id) <= 200:
+        return "the id header is missing or not a string of 1-200 characters"
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            return f"a header name is a {type(name).__name__}, not a string"
+        if isinstance(value, str):
+            if len(value) > HEADER_TEXT_LIMIT or logs.clean(value, HEADER_TEXT_LIMIT) != value:
+                return f"header {name!r} is too long or holds control characters"
+        elif name in _TEXT_HEADERS and value is not None:
+            return f"header {name!r} is a {type(value).__name__}, not a string"
+    timelimit = headers.get("timelimit")
+    if timelimit is not None and not (
+        isinstance(timelimit, list | tuple)
+        and len(timelimit) == 2
+        and all(v is None or _is_limit(v) for v in timelimit)
+    ):
+        return "header 'timelimit' is not a pair of numbers"
+    retries = headers.get("retries")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        return "header 'retries' is not an integer"
+    return None
+
+
+def _body_problem(payload: Any) -> str | None:
+    if not isinstance(payload, list | tuple) or len(payload) != 3:
+        what = type(payload).__name__
+        if isinstance(payload, list | tuple):
+            what += f" of {len(payload)} items"
+        return f"the body is a {what}, not [args, kwargs, embed]"
+    # Step messages are flat: deep nesting could only exhaust the stack where Celery pickles
+    # the request for the pool.
+    found = codec.problem(payload, "body", max_depth=MESSAGE_DEPTH)
+    if found:
+        return f"{found[1]} at {found[0]}"
+    args, kwargs, embed = payload
+    if not isinstance(args, list | tuple):
+        return f"args is a {type(args).__name__}, not a list"
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        return "kwargs is not an object with string keys"
+    if embed is not None and not isinstance(embed, dict):
+        return f"embed is a {type(embed).__name__}, not an object"
+    if embed and any(embed.get(k) for k in _EMBED_KEYS):
+        return "a step message carries no callbacks, errbacks, chain or chord"
+    return None
+
+
+def message_problem(message: Any, body: Any) -> str | None:
+    """What makes a message for ``saga.execute`` unacceptable, or ``None`` when it has the
+    shape of a saga step message: protocol 2, JSON, at most :data:`MAX_MESSAGE_BYTES`,
+    well-typed headers, a body ``[args, kwargs, embed]`` without callbacks. (What the kwargs
+    say is checked later, in the pool, by :meth:`saga.messages.StepMessage.parse`.)"""
+    if body is not None:
+        return "a protocol 1 message (saga sends protocol 2 only)"
+    headers = message.headers
+    if not isinstance(headers, Mapping):
+        return "the headers are not an object"
+    problem = _header_problem(headers)
+    if problem:
+        return problem
+    raw = message.body
+    size = len(raw) if isinstance(raw, bytes | str) else 0
+    if size > MAX_MESSAGE_BYTES:
+        return f"the body is {size} bytes, over the limit of {MAX_MESSAGE_BYTES}"
+    if message.content_type != "application/json":
+        return f"content type {message.content_type!r} is not accepted (JSON only)"
+    try:
+        payload = message.decode()
+    except Exception as exc:
+        return f"the body does not decode: {logs.describe(exc)}"
+    return _body_problem(payload)
+
+
+def _drop(message: Any, problem: str, connection_errors: tuple[type[BaseException], ...]) -> None:
+    headers = message.headers if isinstance(message.headers, Mapping) else {}
+    raw = message.body
+    logs.event(
+        log,
+        logging.WARNING,
+        f"dropped a malformed {TASK_NAME} message: {problem}",
+        task_id=headers.get("id"),
+        content_type=message.content_type,
+        size=len(raw) if isinstance(raw, bytes | str) else None,
+    )
+    if message.acknowledged:
+        return
+    try:
+        message.reject(requeue=False)  # to the dead-letter exchange, where there is one
+    except connection_errors as exc:
+        logs.event(log, logging.WARNING, f"could not reject the message: {logs.describe(exc)}")
+
+
+def guarded_strategy(task: Any, app: Celery, consumer: Any, **options: Any) -> Any:
+    """The task strategy of ``saga.execute`` (named by its ``Strategy`` attribute, Celery's
+    hook for it): Celery's default strategy behind :func:`message_problem`, so that no message
+    on a saga queue can stop the worker's main process. A message with a problem, or one the
+    default strategy raises on, is logged in one line and rejected without requeue."""
+    from celery.worker.strategy import default
+
+    handle = default(task, app, consumer, **options)
+    connection_errors = tuple(consumer.connection_errors)
+
+    def on_message(message: Any, body: Any, *args: Any, **kwargs: Any) -> Any:
+        problem = message_problem(message, body)
+        if problem is None:
+            try:
+                return handle(message, body, *args, **kwargs)
+            except Exception as exc:  # InvalidTaskError (bad eta...) or anything unforeseen
+                problem = f"Celery refused it: {logs.describe(exc)}"
+        _drop(message, problem, connection_errors)
+        return None
+
+    return on_message
+
+
 def engine_of(app: Celery) -> Saga:
     """The engine :func:`install` bound to ``app``."""
     try:
@@ -204,6 +374,40 @@ class CeleryPublisher:
 
     def publish(self, envelope: Envelope) -> None:
         """Publish one message or raise (``PublishTimeoutError`` past the deadline)."""
+        _, error = self.publish_many([envelope])
+        if error is not None:
+            raise error
+
+    def publish_many(self, envelopes: Sequence[Envelope]) -> tuple[int, Exception | None]:
+        """Publish messages in order, on one producer, in one hand-off to the publishing
+        thread; how many went out, and the error that stopped the rest (a
+        ``PublishTimeoutError`` when the whole batch ran past its deadline of ``timeout``
+        seconds plus a millisecond a message)."""
+        sent: list[int] = [0]
+
+        def publish_all() -> None:
+            with self.app.producer_or_acquire() as producer:
+                for envelope in envelopes:
+                    self.app.send_task(TASK_NAME, producer=producer, **self._options(envelope))
+                    sent[0] += 1
+
+        future = self._pool.submit(publish_all)
+        try:
+            future.result(timeout=self.timeout + 0.001 * len(envelopes))
+        except concurrent.futures.TimeoutError:
+            # The stuck thread is abandoned with its connection; start afresh. A message it
+            # was sending when it stuck counts as not sent: published twice at most.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-pub")
+            self._reset_broker_pools()
+            done = sent[0]
+            return done, PublishTimeoutError(f"publishing took over {self.timeout}s")
+        except Exception as exc:
+            return sent[0], exc
+        return sent[0], None
+
+    @staticmethod
+    def _options(envelope: Envelope) -> dict[str, Any]:
         msg = envelope.message
         options: dict[str, Any] = {
             "kwargs": msg.as_body(),
@@ -224,15 +428,7 @@ class CeleryPublisher:
             options["time_limit"] = envelope.time_limit + HARD_LIMIT_GRACE
         if envelope.countdown:
             options["countdown"] = envelope.countdown
-        future = self._pool.submit(self.app.send_task, TASK_NAME, **options)
-        try:
-            future.result(timeout=self.timeout)
-        except concurrent.futures.TimeoutError:
-            # The stuck thread is abandoned with its connection; start afresh.
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="saga-pub")
-            self._reset_broker_pools()
-            raise PublishTimeoutError(f"publish took over {self.timeout}s") from None
+        return options
 
     def _reset_broker_pools(self) -> None:
         """Drop every broker connection and producer; the next publish makes fresh ones.

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, Never, TypeVar
 
 from saga.context import JSON, StepContext
 from saga.core import graph
@@ -41,6 +41,16 @@ class Step:
     queue: str | None = None
     priority: int | None = None
     time_limit: float | None = None
+
+
+_WORKFLOW_OPTIONS = ("version", "retry", "queue", "time_limit", "deadline", "steps")
+_STEP_OPTIONS = (
+    "after", "compensate", "retry", "compensation_retry", "queue", "priority", "time_limit"
+)
+
+
+def _unknown_options(unknown: Mapping[str, object], known: Sequence[str]) -> str:
+    return f"unknown option(s) {', '.join(sorted(unknown))}; the options are {', '.join(known)}"
 
 
 def _as_runner(workflow: str, step: str, what: str, value: object) -> StepRunner:
@@ -77,6 +87,30 @@ class Workflow:
     _by_fn: dict[int, str] = field(init=False, repr=False)
     _frozen: bool = field(init=False, default=False, repr=False)
 
+    def __init__(
+        self,
+        name: str,
+        version: int = 1,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        queue: str = "saga",
+        time_limit: float = 300.0,
+        deadline: float | None = None,
+        steps: Sequence[Step] = (),
+        **unknown: Never,
+    ) -> None:
+        """Declare a workflow; an unknown keyword option is a :class:`DefinitionError`."""
+        if unknown:
+            raise DefinitionError(str(name), _unknown_options(unknown, _WORKFLOW_OPTIONS))
+        self.name = name
+        self.version = version
+        self.retry = retry
+        self.queue = queue
+        self.time_limit = time_limit
+        self.deadline = deadline
+        self.steps = steps
+        self._frozen = False
+        self.__post_init__()
+
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise DefinitionError(str(self.name), "workflow name must match " + _NAME.pattern)
@@ -95,6 +129,8 @@ class Workflow:
         self._by_fn = {}
         declared = list(self.steps)
         for s in declared:
+            if not isinstance(s, Step):
+                raise DefinitionError(self.name, f"steps must be Step values, got {s!r}")
             self._check_step(s, known=None)
             if s.name in self._steps:
                 raise DefinitionError(self.name, "duplicate step name", (s.name,))
@@ -105,7 +141,7 @@ class Workflow:
                 raise DefinitionError(self.name, f"runs after unknown step(s) {unknown}", (s.name,))
         cycle = graph.find_cycle(self.after_map)
         if cycle:
-            raise DefinitionError(self.name, "the steps form a cycle: " + " -> ".join(cycle), cycle)
+            raise DefinitionError(self.name, "cycle: " + " -> ".join(cycle), cycle)
 
     # -- declaring ---------------------------------------------------------------------------
 
@@ -120,11 +156,18 @@ class Workflow:
         queue: str | None = None,
         priority: int | None = None,
         time_limit: float | None = None,
+        **unknown: Never,
     ) -> Callable[[F], F]:
         """Declare the decorated function ``fn(ctx) -> JSON`` as a step; returns it unchanged."""
+        if unknown and name is not None:
+            raise DefinitionError(self.name, _unknown_options(unknown, _STEP_OPTIONS), (name,))
 
         def decorate(fn: F) -> F:
             step_name: str = name or str(getattr(fn, "__name__", ""))
+            if unknown:
+                raise DefinitionError(
+                    self.name, _unknown_options(unknown, _STEP_OPTIONS), (step_name,)
+                )
             self.add_step(
                 step_name,
                 fn,
@@ -153,12 +196,19 @@ class Workflow:
         queue: str | None = None,
         priority: int | None = None,
         time_limit: float | None = None,
+        **unknown: Never,
     ) -> Step:
         """Declare a step run by ``run``: a function of the context or a step kind such as
-        :class:`~saga.steps.CeleryTaskStep`. Steps named in ``after`` must be declared already,
-        so a graph declared this way cannot have a cycle."""
+        :class:`~saga.steps.CeleryTaskStep`. A step is declared after the steps it runs after
+        (those named in ``after`` must be declared already), so a graph declared this way
+        cannot have a cycle."""
+        if unknown:
+            raise DefinitionError(self.name, _unknown_options(unknown, _STEP_OPTIONS), (str(name),))
         if isinstance(after, str | bytes) or callable(after):
             raise DefinitionError(self.name, "after must be a list of steps", (str(name),))
+        after = list(after)
+        if any(isinstance(ref, str) and ref == name for ref in after):
+            raise DefinitionError(self.name, "runs after itself", (str(name),))
         deps = tuple(self._resolve(name, ref) for ref in after)
         new = Step(
             name=name,
@@ -210,6 +260,11 @@ class Workflow:
 
     def __contains__(self, name: object) -> bool:
         return name in self._steps
+
+    @property
+    def roots(self) -> tuple[str, ...]:
+        """The steps that depend on nothing: ready as soon as a run starts."""
+        return graph.roots(self.after_map)
 
     @property
     def step_names(self) -> tuple[str, ...]:
@@ -274,7 +329,10 @@ class Workflow:
         if isinstance(ref, str):
             if ref not in self._steps:
                 raise DefinitionError(
-                    self.name, f"refers to unknown step {ref!r}", (str(name), ref)
+                    self.name,
+                    f"runs after unknown step {ref!r} (a step must be declared after the "
+                    "steps it runs after)",
+                    (str(name), ref),
                 )
             return ref
         found = self._by_fn.get(id(ref))

@@ -1,6 +1,13 @@
-"""Errors raised by saga, each saying whether retrying can help."""
+"""Errors raised by saga, each saying whether retrying can help; and how an exception's text
+is made safe to store and to log."""
 
 from __future__ import annotations
+
+import re
+from typing import Any
+
+ERROR_TEXT_LIMIT = 2000
+"""Characters of an exception's text kept in a stored error document."""
 
 
 class SagaError(Exception):
@@ -9,23 +16,44 @@ class SagaError(Exception):
     retryable: bool = False
 
 
-class DefinitionError(SagaError, ValueError):
-    """A workflow definition is wrong; raised when it is declared, naming the workflow and step."""
+class DefinitionError(SagaError, ValueError, TypeError):
+    """A workflow definition (or one of its options, such as a :class:`~saga.RetryPolicy`) is
+    wrong; raised when it is declared, naming the workflow and step where there are ones.
 
-    def __init__(self, workflow: str, message: str, steps: tuple[str, ...] = ()) -> None:
+    It is a ``ValueError`` (a bad value) and a ``TypeError`` (an unknown keyword option), so
+    code that caught either before keeps working."""
+
+    def __init__(
+        self, workflow: str | None, message: str, steps: tuple[str, ...] = ()
+    ) -> None:
         self.workflow = workflow
         self.steps = steps
-        where = f" (step {', '.join(repr(s) for s in steps)})" if steps else ""
-        super().__init__(f"workflow {workflow!r}{where}: {message}")
+        where = f"step {', '.join(repr(s) for s in steps)}" if steps else ""
+        if workflow is not None:
+            prefix = f"workflow {workflow!r}" + (f" ({where})" if where else "")
+        else:
+            prefix = where
+        super().__init__(f"{prefix}: {message}" if prefix else message)
 
 
 class InputError(SagaError, ValueError):
-    """A run's input (or a step's result) was refused: not JSON, or too large."""
+    """A run's input (or a step's result) was refused: not JSON, not storable, or too large."""
 
     def __init__(self, workflow: str, field: str, message: str) -> None:
         self.workflow = workflow
         self.field = field
         super().__init__(f"workflow {workflow!r}, {field}: {message}")
+
+
+class UnstorableResultError(SagaError):
+    """A step's code returned, but its result cannot be stored (not JSON, a NUL byte, too
+    large...). The step's code may have had its effect, so the outcome is unknown."""
+
+    outcome_unknown = True
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"the step's result is not storable: {detail}")
 
 
 class UnknownWorkflowError(SagaError, LookupError):
@@ -101,3 +129,50 @@ class RetryableError(StepError):
     """Raise from a step for a transient failure the retry policy should retry."""
 
     retryable = True
+
+
+# -- exception text ------------------------------------------------------------------------------
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """``text`` as PostgreSQL can store it: NUL bytes removed, lone surrogates replaced by
+    U+FFFD, at most ``limit`` characters (the last three ``...`` when it was cut)."""
+    text = text[: limit * 2].replace("\x00", "")
+    if not text.isascii():
+        text = _SURROGATE.sub("\ufffd", text)
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text
+
+
+def type_name(exc: BaseException) -> str:
+    """``module.QualifiedName`` of the exception's type (storable)."""
+    return storable_text(f"{type(exc).__module__}.{type(exc).__qualname__}", 300)
+
+
+def exception_text(exc: BaseException, limit: int = ERROR_TEXT_LIMIT) -> str:
+    """The exception's text, safe to store (see :func:`storable_text`); when its ``__str__``
+    raises, its type name (and what ``__str__`` raised) instead."""
+    try:
+        text = str(exc)
+    except Exception as failure:
+        text = f"{type(exc).__qualname__} (its __str__ raised {type(failure).__qualname__})"
+    return storable_text(text, limit)
+
+
+def error_document(exc: BaseException, attempt: int) -> dict[str, Any]:
+    """A failed attempt's error as stored: ``type``, ``message`` (see :func:`exception_text`)
+    and ``attempt``; plus ``"outcome": "unknown"`` when the step's code ran and may have had
+    its effect although its outcome is not known (an unstorable result, a time limit overrun:
+    the exception's class says ``outcome_unknown = True``)."""
+    doc: dict[str, Any] = {
+        "type": type_name(exc),
+        "message": exception_text(exc),
+        "attempt": attempt,
+    }
+    if getattr(exc, "outcome_unknown", False) is True:
+        doc["outcome"] = "unknown"
+    return doc

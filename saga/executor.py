@@ -9,45 +9,52 @@ renewed, brings the step back through the sweeper.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
-
-from sqlalchemy.exc import DBAPIError
 
 from saga import logs, telemetry
 from saga.app import Saga
-from saga.codec import encode
+from saga.codec import encode_result
 from saga.context import StepContext
 from saga.core import graph
+from saga.core.attempts import AttemptRef
 from saga.core.states import STOPPING
 from saga.definition import Workflow
-from saga.errors import SagaError, UnknownWorkflowError
+from saga.dispatch import Dispatcher
+from saga.errors import SagaError, UnknownWorkflowError, error_document
 from saga.heartbeat import Heartbeat, Lease
-from saga.messages import Envelope, MalformedMessageError, Publisher, StepMessage
+from saga.messages import MalformedMessageError, Publisher, StepMessage
 from saga.steps import TaskCaller
-from saga.timeouts import StepTimeoutError, Watchdog, time_limit
+from saga.timeouts import Watchdog, time_limit
 from saga.transitions import Claim, Completion
 
 log = logging.getLogger("saga.worker")
 
+HARD_LIMIT_MARGIN = 1.0
+"""Seconds a chained step must leave before the delivery's hard time limit."""
+
+
+@dataclass
+class Delivery:
+    """One message as a worker got it, which may run a chain of steps in-process."""
+
+    tasks: TaskCaller | None = None
+    carrier: Mapping[str, str] | None = None
+    deadline: float | None = None
+    """Monotonic time at which the transport kills this delivery (Celery's hard time limit)."""
+    begun: float = field(default_factory=time.monotonic)
+    steps: int = 0
+
 
 def error_doc(exc: BaseException, attempt: int) -> dict[str, Any]:
-    """A failed attempt's error as stored: type, message and attempt; ``outcome: unknown``
-    when the step's code may have had its effect without the engine knowing (it ran past its
-    time limit)."""
-    doc: dict[str, Any] = {
-        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
-        "message": str(exc)[:2000],
-        "attempt": attempt,
-    }
-    if isinstance(exc, StepTimeoutError):
-        doc["outcome"] = "unknown"
-    return doc
+    """A failed attempt's error as stored (see :func:`saga.errors.error_document`)."""
+    return error_document(exc, attempt)
 
 
 class Executor:
@@ -58,28 +65,38 @@ class Executor:
         saga: Saga,
         worker_id: str | None = None,
         publisher: Callable[[], Publisher] | None = None,
+        queues: Callable[[], Collection[str]] | None = None,
     ) -> None:
         """``publisher`` makes (once, lazily: after a fork) the publisher for eager dispatch;
-        without one, every message goes through the relay."""
+        without one, the engine's (:meth:`~saga.Saga.use_publisher`), and without that every
+        message goes through the relay. ``queues`` says which queues this
+        worker consumes: a step a completion makes ready on one of them is run next,
+        in-process (see :class:`~saga.settings.Settings`); without it, none is."""
         self.saga = saga
+        self._queues = queues if saga.settings.chain_steps > 0 else None
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.heartbeat = Heartbeat(saga)
         self._watchdog = Watchdog()
-        self._make_publisher = publisher if saga.settings.eager_dispatch else None
-        self._publisher: Publisher | None = None
+        self._dispatcher = (
+            Dispatcher(saga, publisher)
+            if publisher and saga.settings.eager_dispatch
+            else saga.dispatcher
+        )
 
     def execute(
         self,
         body: Any,
         tasks: TaskCaller | None = None,
         carrier: Mapping[str, str] | None = None,
+        deadline: float | None = None,
     ) -> str:
-        """Run the attempt a message names; returns the outcome (``completed``,
-        ``retry_scheduled``, ``failed``, ``duplicate``, ``deferred``, ``malformed``,
-        ``unknown``, or ``error`` when the outcome could not be recorded). ``carrier`` holds
-        the message's trace headers, when the transport kept them."""
+        """Run the attempt a message names (and the steps it chains); returns the outcome of
+        that attempt (``completed``, ``retry_scheduled``, ``failed``, ``duplicate``,
+        ``deferred``, ``malformed``, ``unknown``, or ``error`` when the outcome could not be
+        recorded). ``carrier`` holds the message's trace headers, when the transport kept
+        them; ``deadline`` is when the transport kills this delivery (monotonic)."""
         try:
-            return self._execute(body, tasks, carrier)
+            return self._execute(body, Delivery(tasks, carrier, deadline))
         except Exception as exc:
             logs.event(
                 log, logging.ERROR,
@@ -87,9 +104,7 @@ class Executor:
             )
             return "error"
 
-    def _execute(
-        self, body: Any, tasks: TaskCaller | None, carrier: Mapping[str, str] | None
-    ) -> str:
+    def _execute(self, body: Any, delivery: Delivery) -> str:
         try:
             msg = StepMessage.parse(body)
         except MalformedMessageError as exc:
@@ -103,7 +118,7 @@ class Executor:
         if msg.step not in wf or (msg.kind == "compensation" and not wf[msg.step].compensation):
             logs.event(log, logging.WARNING, "dropped a message for an unknown step", **fields)
             return "unknown"
-        token = f"{self.worker_id}:{uuid.uuid4().hex[:12]}"
+        token = self._token()
         deps = wf[msg.step].after if msg.kind == "step" else ()
         claim = self.saga.on_hot_path(
             "claim",
@@ -118,15 +133,29 @@ class Executor:
         if claim is None or not claim.claimed:
             logs.event(log, logging.INFO, "dropped a stale or duplicate message", **fields)
             return "duplicate"
-        renew_for = wf.time_limit_for(msg.step) + self.saga.settings.lease_grace
+        outcome, chained = self._attempt(wf, claim, token, delivery)
+        while chained is not None:  # the steps it made ready, run here and now
+            _, chained = self._attempt(wf, *chained, delivery)
+        return outcome
+
+    def _attempt(
+        self, wf: Workflow, claim: Claim, token: str, delivery: Delivery
+    ) -> tuple[str, tuple[Claim, str] | None]:
+        """Run one claimed attempt under its lease and span; its outcome, and the claim (and
+        token) of the step its completion chained, if any."""
+        ref = claim.ref
+        delivery.steps += 1
+        renew_for = wf.time_limit_for(ref.step) + self.saga.settings.lease_grace
+        # Only the delivered message's attempt has the message's trace headers.
+        carrier = delivery.carrier if delivery.steps == 1 else None
         with (
-            self.heartbeat.keep(claim.ref, token, renew_for) as lease,
+            self.heartbeat.keep(ref, token, renew_for) as lease,
             telemetry.attempt(
-                wf.name, msg.run_id, msg.kind, msg.step, msg.attempt, claim.trace_context, carrier
+                wf.name, ref.run_id, ref.kind, ref.step, ref.attempt, claim.trace_context, carrier
             ) as attempt,
         ):
-            attempt.outcome = self._run(wf, claim, token, lease, tasks, fields)
-        return attempt.outcome
+            attempt.outcome, chained = self._run(wf, claim, token, lease, delivery)
+        return attempt.outcome, chained
 
     def _definition(self, msg: StepMessage) -> Workflow | None:
         """This worker's definition of the message's workflow and version, if it is the run's
@@ -142,8 +171,7 @@ class Executor:
     def _defer(self, msg: StepMessage, fields: dict[str, Any]) -> str:
         """Send the message back through the outbox, for a worker that has the run's
         definition (an older or newer deploy); it backs off with each deferral."""
-        with self.saga.engine.begin() as conn:
-            deferrals = self.saga.lifecycle.outbox.defer(conn, msg.ref)
+        deferrals = self.saga.in_transaction(lambda c: self.saga.lifecycle.outbox.defer(c, msg.ref))
         if deferrals is None:
             logs.event(log, logging.INFO, "dropped a stale or duplicate message", **fields)
             return "duplicate"
@@ -156,15 +184,11 @@ class Executor:
         return "deferred"
 
     def _run(
-        self,
-        wf: Workflow,
-        claim: Claim,
-        token: str,
-        lease: Lease,
-        tasks: TaskCaller | None,
-        fields: dict[str, Any],
-    ) -> str:
+        self, wf: Workflow, claim: Claim, token: str, lease: Lease, delivery: Delivery
+    ) -> tuple[str, tuple[Claim, str] | None]:
         ref = claim.ref
+        fields: dict[str, Any] = {"run_id": ref.run_id, "workflow": wf.name, "step": ref.step}
+        fields |= {"kind": ref.kind, "attempt": ref.attempt}
         step = wf[ref.step]
         runner = step.runner if ref.kind == "step" else step.compensation
         assert runner is not None
@@ -185,25 +209,47 @@ class Executor:
         try:
             limit = wf.time_limit_for(ref.step)
             with time_limit(limit, f"{ref.kind} {ref.step!r}", self._watchdog):
-                result = runner.run(ctx, tasks)
-            result_json = encode(
-                result,
-                workflow=wf.name,
-                field=f"result of step {ref.step!r}",
-                limit=self.saga.settings.max_result_bytes,
-            )
+                result = runner.run(ctx, delivery.tasks)
+            result_json = encode_result(result, limit=self.saga.settings.max_result_bytes)
         except Exception as exc:
             policy = wf.retry_for(ref.step, ref.kind)
             retryable = not isinstance(exc, SagaError) and policy.is_retryable(exc)
-            return self._fail(wf, claim, exc, retryable)
+            return self._fail(wf, claim, exc, retryable), None
         if lease.lost:
             logs.event(log, logging.WARNING, "completion refused: the lease was lost", **fields)
-            return "duplicate"
-        return self._complete(wf, claim, token, result_json, fields)
+            return "duplicate", None
+        return self._complete(wf, claim, token, result_json, fields, delivery)
+
+    def _chainable(
+        self, wf: Workflow, ref: AttemptRef, release: tuple[str, ...], delivery: Delivery
+    ) -> list[str]:
+        """The steps of ``release`` this delivery may run next in-process, best first."""
+        settings = self.saga.settings
+        if self._queues is None or ref.kind != "step" or not release:
+            return []
+        now = time.monotonic()
+        if delivery.steps >= settings.chain_steps or now - delivery.begun >= settings.chain_seconds:
+            return []
+        consumed = self._queues()
+        return [
+            step
+            for step in release
+            if wf.queue_for(step) in consumed
+            and (
+                delivery.deadline is None
+                or now + wf.time_limit_for(step) + HARD_LIMIT_MARGIN < delivery.deadline
+            )
+        ]
 
     def _complete(
-        self, wf: Workflow, claim: Claim, token: str, result_json: str, fields: dict[str, Any]
-    ) -> str:
+        self,
+        wf: Workflow,
+        claim: Claim,
+        token: str,
+        result_json: str,
+        fields: dict[str, Any],
+        delivery: Delivery,
+    ) -> tuple[str, tuple[Claim, str] | None]:
         ref = claim.ref
         after = wf.after_map
         if ref.kind == "step":
@@ -211,10 +257,12 @@ class Executor:
         else:
             release = tuple(sorted(graph.ancestors(after, ref.step)))
         routes = [wf.route(s) for s in release]
-        eager = self._make_publisher is not None
-        done = self.saga.on_hot_path(
-            "complete",
-            lambda conn: self.saga.transitions.complete(
+        eager = self._dispatcher is not None
+        chain = self._chainable(wf, ref, release, delivery)
+        chain_token = self._token()
+
+        def record(conn: Any) -> tuple[Completion | None, Claim | None]:
+            done = self.saga.transitions.complete(
                 conn,
                 ref,
                 result_json,
@@ -224,62 +272,52 @@ class Executor:
                 sink=ref.kind == "step" and not release,
                 eager=eager,
                 republish_after=self.saga.settings.republish_after,
-            ),
-        )
+                chain=chain,
+                chain_token=chain_token,
+            )
+            if done is None or done.chained is None:
+                return done, None
+            return done, self._claim_chained(conn, wf, done.chained, chain_token)
+
+        done, chained = self.saga.on_hot_path("complete", record, transaction=bool(chain))
         if done is None:
             logs.event(log, logging.INFO, "completion of a stale attempt ignored", **fields)
-            return "duplicate"
+            return "duplicate", None
         if done.replayed:
             logs.event(log, logging.INFO, "completion replayed after a lost reply", **fields)
-        if eager and done.queued:
-            self._dispatch(wf, claim, done)
+        if self._dispatcher is not None:
+            self._dispatcher.publish(wf, ref.run_id, ref.kind, done.queued, done.trace_context)
         if ref.kind == "step" and done.run_state in STOPPING:
-            with self.saga.engine.begin() as conn:
-                self.saga.lifecycle.advance(conn, ref.run_id)
-        return "completed"
+            self.saga.in_transaction(lambda c: self.saga.lifecycle.advance(c, ref.run_id))
+        return "completed", None if chained is None else (chained, chain_token)
 
-    def _dispatch(self, wf: Workflow, claim: Claim, done: Completion) -> None:
-        """Publish the messages a completion wrote as published. On a broker error they go back
-        to the relay; if this process dies first, the sweeper republishes them."""
-        assert self._make_publisher is not None
-        if self._publisher is None:
-            self._publisher = self._make_publisher()
-        ref = claim.ref
-        sent: list[str] = []
-        try:
-            for queued in done.queued:
-                row = {
-                    **queued,
-                    "run_id": ref.run_id,
-                    "workflow": wf.name,
-                    "version": wf.version,
-                    "definition_hash": wf.definition_hash,
-                    "kind": ref.kind,
-                    "countdown": None,
-                    "trace_context": done.trace_context,
-                }
-                with telemetry.publishing(row) as headers:
-                    self._publisher.publish(Envelope.from_outbox(row, headers))
-                sent.append(queued["step"])
-        except Exception as exc:
-            unsent = [m["step"] for m in done.queued if m["step"] not in sent]
-            logs.event(
-                log, logging.WARNING,
-                f"eager publish failed, leaving it to the relay: {logs.describe(exc)}",
-                run_id=ref.run_id, workflow=wf.name, kind=ref.kind, steps=",".join(unsent),
-            )
-            with contextlib.suppress(DBAPIError), self.saga.engine.begin() as conn:
-                self.saga.lifecycle.outbox.unpublish(conn, ref.run_id, ref.kind, unsent)
+    def _claim_chained(self, conn: Any, wf: Workflow, ref: AttemptRef, token: str) -> Claim | None:
+        """Claim, in the completion's transaction, the step it made ready for this worker."""
+        claim = self.saga.transitions.claim(
+            conn, ref, workflow=wf.name, version=wf.version,
+            definition_hash=wf.definition_hash, deps=wf[ref.step].after,
+            lease_seconds=self.heartbeat.timeout, token=token,
+        )
+        if claim is not None and claim.claimed:
+            return claim
+        # It became ready in this very transaction, so this cannot happen; should it, the
+        # step still gets the message it would have had.
+        route = {**wf.route(ref.step), "attempt": ref.attempt}
+        self.saga.lifecycle.outbox.enqueue(conn, ref.run_id, ref.kind, [route])
+        return None
+
+    def _token(self) -> str:
+        return f"{self.worker_id}:{uuid.uuid4().hex[:12]}"
 
     def _fail(self, wf: Workflow, claim: Claim, exc: BaseException, retryable: bool) -> str:
         telemetry.record_exception(exc)
         ref = claim.ref
         policy = wf.retry_for(ref.step, ref.kind)
         delay = policy.delay_after(ref.attempt - claim.first_attempt + 1) if retryable else None
-        with self.saga.engine.begin() as conn:
-            outcome = self.saga.lifecycle.fail_attempt_in_tx(
-                conn, ref, error_doc(exc, ref.attempt), delay
-            )
+        error = error_doc(exc, ref.attempt)
+        outcome = self.saga.in_transaction(
+            lambda c: self.saga.lifecycle.fail_attempt_in_tx(c, ref, error, delay)
+        )
         logs.event(
             log,
             logging.WARNING,

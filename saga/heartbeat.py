@@ -127,8 +127,10 @@ class Heartbeat:
         params = {"lease": self.timeout, "rows": dumps(rows)}
         renewed = {r[0] for r in self._conn.execute(self._sql, params)}
         self._failing = False
+        with self._lock:  # an attempt that ended meanwhile was not renewed: it is not lost
+            ended = [lease for lease in due if lease not in self._leases]
         for lease in due:
-            if lease.token not in renewed and not lease.lost:
+            if lease.token not in renewed and not lease.lost and lease not in ended:
                 lease.lost = True
                 logs.event(
                     log, logging.WARNING, "lease lost: the attempt's outcome will be refused",

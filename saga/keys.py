@@ -42,12 +42,6 @@ def key_policy(value: object, what: str = "key_policy") -> KeyPolicy:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}") from None
 
 
-def check_key(workflow: str, key: object) -> None:
-    """Refuse a business key that is not a string of 1-200 characters."""
-    if key is not None and (not isinstance(key, str) or not key or len(key) > 200):
-        raise ValueError(f"workflow {workflow!r}: key must be a string of 1-200 chars")
-
-
 def is_unfinished_key_conflict(exc: IntegrityError) -> bool:
     """Whether ``exc`` is the database refusing a second unfinished run of one key (an
     operator's retry of a run whose key has since started a newer one)."""

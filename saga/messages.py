@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from saga.core.attempts import AttemptRef
 
 KINDS = ("step", "compensation")
+INT4_MAX = 2**31 - 1
+"""The largest version or attempt number a message may carry (PostgreSQL ``integer``)."""
+NAME_LIMIT = 200
+"""The longest workflow or step name a message may carry."""
 
 
 class MalformedMessageError(ValueError):
-    """A message that is not a saga step message."""
+    """A message that is not a saga step message (its text may quote the message: log it
+    with :func:`saga.logs.event`, which escapes and bounds it)."""
 
 
 @dataclass(frozen=True)
@@ -32,25 +37,36 @@ class StepMessage:
 
     @classmethod
     def parse(cls, body: Mapping[str, Any]) -> StepMessage:
-        """Validate a message body; :class:`MalformedMessageError` says what is wrong."""
+        """Validate a message body; :class:`MalformedMessageError` says what is wrong. Every
+        value is checked for type and range (names are bounded strings, numbers fit a
+        PostgreSQL ``integer``), so nothing malformed reaches the database."""
         if not isinstance(body, Mapping):
             raise MalformedMessageError(f"body is a {type(body).__name__}, not an object")
         unknown = set(body) - {
             "run_id", "workflow", "version", "kind", "step", "attempt", "definition",
         }
         if unknown:
-            raise MalformedMessageError(f"unknown fields {sorted(unknown)}")
+            names = sorted(str(k) for k in unknown)
+            raise MalformedMessageError(f"unknown fields {names}")
+        missing = sorted({"run_id", "workflow", "version", "kind", "step", "attempt"} - set(body))
+        if missing:
+            raise MalformedMessageError(f"bad or missing field: {missing}")
+        raw_id, workflow, step, kind = body["run_id"], body["workflow"], body["step"], body["kind"]
+        version, attempt = body["version"], body["attempt"]
         try:
-            run_id = str(uuid.UUID(str(body["run_id"])))
-            workflow, step, kind = body["workflow"], body["step"], body["kind"]
-            version, attempt = body["version"], body["attempt"]
-        except (KeyError, ValueError) as exc:
-            raise MalformedMessageError(f"bad or missing field: {exc}") from None
-        if not isinstance(workflow, str) or not isinstance(step, str) or kind not in KINDS:
-            raise MalformedMessageError("workflow and step must be strings, kind step|compensation")
+            if not isinstance(raw_id, str):
+                raise ValueError("not a string")
+            run_id = str(uuid.UUID(raw_id))
+        except ValueError:
+            raise MalformedMessageError("bad or missing field: run_id is not a UUID") from None
+        for name, value in (("workflow", workflow), ("step", step)):
+            if not isinstance(value, str) or not 0 < len(value) <= NAME_LIMIT:
+                raise MalformedMessageError(f"{name} must be a string of 1-{NAME_LIMIT} chars")
+        if kind not in KINDS:
+            raise MalformedMessageError("kind must be step or compensation")
         for name, value in (("version", version), ("attempt", attempt)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise MalformedMessageError(f"{name} must be an int >= 1")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT4_MAX:
+                raise MalformedMessageError(f"{name} must be an int from 1 to {INT4_MAX}")
         definition = body.get("definition")
         if definition is not None and (not isinstance(definition, str) or len(definition) > 64):
             raise MalformedMessageError("definition must be a string of up to 64 characters")
@@ -105,8 +121,33 @@ class Envelope:
 
 
 class Publisher(Protocol):
-    """Puts one step message on the broker, or raises."""
+    """Puts step messages on the broker."""
 
     def publish(self, envelope: Envelope) -> None:
-        """Publish or raise."""
+        """Publish one message or raise."""
         ...
+
+
+@runtime_checkable
+class BatchPublisher(Publisher, Protocol):
+    """A publisher that can put many messages on the broker in one go (the relay uses it when
+    it can)."""
+
+    def publish_many(self, envelopes: Sequence[Envelope]) -> tuple[int, Exception | None]:
+        """Publish in order; how many went out, and the error that stopped the rest."""
+        ...
+
+
+def publish_in_order(
+    publisher: Publisher, envelopes: Sequence[Envelope]
+) -> tuple[int, Exception | None]:
+    """Publish in order (in one go when the publisher can): how many went out, and the error
+    that stopped the rest."""
+    if isinstance(publisher, BatchPublisher):
+        return publisher.publish_many(envelopes)
+    for sent, envelope in enumerate(envelopes):
+        try:
+            publisher.publish(envelope)
+        except Exception as exc:
+            return sent, exc
+    return len(envelopes), None

@@ -23,7 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
 from saga.app import Saga
-from saga.messages import Envelope, Publisher
+from saga.messages import Envelope, Publisher, publish_in_order
 from saga.store.base import Row
 from saga.sweeper import Sweeper
 
@@ -77,18 +77,12 @@ class Relay:
         except DBAPIError:
             self._close_connection()
             raise
-        published: list[int] = []
-        failure: Exception | None = None
-        for row in rows:
-            try:
-                self._publish(row)
-            except Exception as exc:  # the broker: keep what went out, then back off
-                failure = exc
-                break
-            published.append(row["id"])
+        sent, failure = self._publish(rows)
+        published = [r["id"] for r in rows[:sent]]
+        held = rows[0]["held_until"] if rows else None
         try:
-            outbox.mark_published(conn, published, self.saga.settings.republish_after)
-            outbox.release(conn, [r["id"] for r in rows[len(published) :]])
+            outbox.mark_published(conn, published, held, self.saga.settings.republish_after)
+            outbox.release(conn, [r["id"] for r in rows[len(published) :]], held)
         except DBAPIError:
             self._close_connection()
             raise
@@ -110,15 +104,21 @@ class Relay:
                 self._conn.close()
             self._conn = None
 
-    def _publish(self, row: Row) -> None:
-        with telemetry.publishing(row) as headers:
-            self.publisher.publish(Envelope.from_outbox(row, headers))
-        if row["publish_count"]:
-            logs.event(
-                log, logging.INFO, "published again", run_id=row["run_id"],
-                workflow=row["workflow"], step=row["step"], kind=row["kind"],
-                attempt=row["attempt"],
-            )
+    def _publish(self, rows: list[Row]) -> tuple[int, Exception | None]:
+        """Publish the batch in order: how many went out, and the broker's error that stopped
+        the rest (kept for the caller: what went out is marked first)."""
+        envelopes = []
+        for row in rows:
+            # The span covers making the message; the batch goes out in one call after.
+            with telemetry.publishing(row) as headers:
+                envelopes.append(Envelope.from_outbox(row, headers))
+            if row["publish_count"]:
+                logs.event(
+                    log, logging.INFO, "published again", run_id=row["run_id"],
+                    workflow=row["workflow"], step=row["step"], kind=row["kind"],
+                    attempt=row["attempt"],
+                )
+        return publish_in_order(self.publisher, envelopes) if envelopes else (0, None)
 
     # -- the loop ----------------------------------------------------------------------------
 

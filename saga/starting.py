@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
-from saga.codec import dumps, encode
-from saga.core import graph
+from saga.codec import check_storable, dumps, encode
 from saga.db.states import RUN_UNFINISHED, check_in
 from saga.definition import Workflow
-from saga.errors import KeyConflictError
+from saga.errors import InputError, KeyConflictError
 from saga.handles import RunHandle
-from saga.keys import KeyPolicy, check_key
+from saga.keys import KeyPolicy
 from saga.keys import key_policy as key_policy_of
 from saga.settings import Settings
 from saga.store.base import Tables
@@ -50,8 +49,12 @@ WITH latest AS (
            CASE WHEN x.pending = 0 THEN 1 ELSE 0 END, 1, x.pending
     FROM run, jsonb_to_recordset(CAST(:steps AS jsonb)) AS x(step text, pending int)
 ), queued AS (
-    INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context)
-    SELECT run.id, 'step', x.step, 1, x.queue, x.priority, x.time_limit, CAST(:trace AS jsonb)
+    -- Written as published when the caller publishes them itself after its commit.
+    INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
+                          published_at, publish_count, republish_at)
+    SELECT run.id, 'step', x.step, 1, x.queue, x.priority, x.time_limit, CAST(:trace AS jsonb),
+           CASE WHEN :published THEN now() END, CASE WHEN :published THEN 1 ELSE 0 END,
+           CASE WHEN :published THEN now() + make_interval(secs => :republish_after) END
     FROM run, jsonb_to_recordset(CAST(:roots AS jsonb))
          AS x(step text, queue text, priority int, time_limit float8)
 ), logged AS (
@@ -134,12 +137,20 @@ class Starter:
         key: str | None = None,
         key_policy: KeyPolicy | str | None = None,
         trace_context: dict[str, str] | None = None,
+        published: bool = False,
     ) -> StartPlan:
-        """Check ``input`` and ``key`` and build the start's parameters (no I/O)."""
+        """Check ``input`` and ``key`` and build the start's parameters (no I/O). Input and key
+        are checked before anything is sent to the database: one that cannot be stored raises
+        :class:`~saga.errors.InputError`. With ``published`` the first steps' messages are
+        written as published: the caller publishes them after its commit (see
+        :mod:`saga.dispatch`)."""
         input_json = encode(
             input, workflow=workflow.name, field="input", limit=self._settings.max_input_bytes
         )
-        check_key(workflow.name, key)
+        if key is not None:
+            if not isinstance(key, str) or not key or len(key) > 200:
+                raise InputError(workflow.name, "key", "must be a string of 1-200 characters")
+            check_storable(key, workflow=workflow.name, field="key")
         policy = key_policy_of(workflow.key_policy if key_policy is None else key_policy)
         after = workflow.after_map
         params = {
@@ -153,7 +164,9 @@ class Starter:
             "n_steps": len(after),
             "deadline": workflow.deadline,
             "steps": dumps([{"step": s, "pending": len(d)} for s, d in after.items()]),
-            "roots": dumps([workflow.route(s) for s in graph.roots(after)]),
+            "roots": dumps([workflow.route(s) for s in workflow.roots]),
+            "published": published,
+            "republish_after": self._settings.republish_after,
             "new_after_finish": policy is KeyPolicy.NEW_AFTER_FINISH,
             "unfinished": list(RUN_UNFINISHED),
         }
@@ -168,11 +181,14 @@ class Starter:
         key: str | None = None,
         key_policy: KeyPolicy | str | None = None,
         trace_context: dict[str, str] | None = None,
+        published: bool = False,
     ) -> Started:
         """Start ``workflow`` with ``input`` in the transaction of ``target`` (the caller's
-        Session or Connection); nothing is committed here, so a rollback leaves nothing."""
+        Session or Connection); nothing is committed here, so a rollback leaves nothing (see
+        :meth:`plan` for ``published`` and the checks)."""
         plan = self.plan(
-            workflow, input, key=key, key_policy=key_policy, trace_context=trace_context
+            workflow, input, key=key, key_policy=key_policy, trace_context=trace_context,
+            published=published,
         )
         conn = target.connection() if isinstance(target, Session) else target
         row = conn.execute(self._start, plan.params).mappings().first()

@@ -23,7 +23,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from saga import metrics
+from saga import logs, metrics
+from saga.errors import type_name
 
 _tracer = trace.get_tracer("saga")
 
@@ -118,8 +119,14 @@ def record_exception(exc: BaseException) -> None:
     """Record ``exc`` on the current span (the attempt's)."""
     span = trace.get_current_span()
     if span.is_recording():
-        span.record_exception(exc)
-        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:500]))
+        text = logs.describe(exc, 500)
+        try:
+            span.record_exception(exc)
+        except Exception:  # its __str__ raised: record what can be said about it
+            span.add_event(
+                "exception", {"exception.type": type_name(exc), "exception.message": text}
+            )
+        span.set_status(Status(StatusCode.ERROR, text[:500]))
 
 
 @contextmanager

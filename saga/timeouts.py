@@ -33,9 +33,11 @@ from saga.errors import StepError
 
 
 class StepTimeoutError(StepError):
-    """The step's code ran past its time limit (a failed attempt, retryable by policy)."""
+    """The step's code ran past its time limit (a failed attempt, retryable by policy). It may
+    have had its effect: the stored error says ``"outcome": "unknown"``."""
 
     retryable = True
+    outcome_unknown = True
 
 
 class _AsyncStepTimeoutError(StepTimeoutError):

@@ -120,6 +120,12 @@ WITH done AS (
       AND (run.state = ANY(:live)
            OR (:kind = 'compensation' AND run.state = 'compensation_failed'))
     RETURNING sr.step, sr.state, sr.attempt
+), chained AS (
+    -- The first of the steps this worker may run next in-process that became ready: the
+    -- caller claims it in this same transaction, so it needs no outbox row.
+    SELECT released.step, released.attempt FROM released, run
+    WHERE released.state = 'ready' AND released.step = ANY(:chain) AND run.state = ANY(:live)
+    ORDER BY array_position(CAST(:chain AS text[]), released.step) LIMIT 1
 ), queued AS (
     INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
                           published_at, publish_count, republish_at)
@@ -131,6 +137,7 @@ WITH done AS (
          AS x(step text, queue text, priority int, time_limit float8) ON x.step = released.step
     CROSS JOIN run
     WHERE released.state = 'ready' AND run.state = ANY(:live)
+      AND released.step IS DISTINCT FROM (SELECT step FROM chained)
     RETURNING step, attempt, queue, priority, time_limit
 ), logged AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)
@@ -140,7 +147,8 @@ WITH done AS (
     WHERE run.state IN ('completed', 'compensated', 'cancelled')
 )
 SELECT run.state, run.trace_context,
-       coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued
+       coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued,
+       (SELECT to_jsonb(chained) FROM chained) AS chained
 FROM run
 """
 
@@ -151,7 +159,10 @@ SELECT r.state, r.trace_context,
                     'priority', o.priority, 'time_limit', o.time_limit))
                  FROM {outbox} o
                  WHERE o.run_id = sr.run_id AND o.kind = sr.kind AND o.step = ANY(:release)),
-                '[]'::jsonb) AS queued
+                '[]'::jsonb) AS queued,
+       (SELECT jsonb_build_object('step', c.step, 'attempt', c.attempt) FROM {steps} c
+        WHERE c.run_id = sr.run_id AND c.kind = sr.kind AND c.step = ANY(:release)
+          AND c.state = 'running' AND c.worker = :chain_token LIMIT 1) AS chained
 FROM {steps} sr JOIN {runs} r ON r.id = sr.run_id
 WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = :step
   AND sr.state = 'completed' AND sr.attempt = :attempt AND sr.worker = :token
@@ -189,6 +200,9 @@ class Completion:
     trace_context: Any = None
     replayed: bool = False
     """The completion had committed before (its reply was lost): nothing changed now."""
+    chained: AttemptRef | None = None
+    """The step this completion made ready for the caller to claim in the same transaction
+    (one of ``chain``): it has no outbox row."""
 
     @property
     def ready(self) -> tuple[str, ...]:
@@ -274,6 +288,8 @@ class Transitions:
         sink: bool,
         eager: bool = False,
         republish_after: float = 300.0,
+        chain: Sequence[str] = (),
+        chain_token: str = "",
     ) -> Completion | None:
         """Record the attempt's result and queue every step it made ready, in one statement.
 
@@ -282,6 +298,10 @@ class Transitions:
         ``sink`` whether the step's result is part of the run's. With ``eager`` the new
         messages are written as published: the caller publishes them itself after the commit
         (the sweeper publishes them again after ``republish_after`` if it died first).
+        ``chain`` lists, in order of preference, steps the caller can run next in-process: the
+        first of them this completion makes ready gets no outbox row, and the caller must
+        claim it before its transaction commits (or enqueue it), with ``chain_token``, by which
+        a replay finds it.
         ``None`` means a duplicate: the attempt is stale or was finished by someone else; a
         completion of this very attempt whose reply was lost is replayed instead.
         """
@@ -297,6 +317,7 @@ class Transitions:
             "sink": sink,
             "eager": eager,
             "republish_after": republish_after,
+            "chain": list(chain),
         }
         row = conn.execute(self._complete, params).mappings().first()
         if row is not None:
@@ -304,9 +325,11 @@ class Transitions:
                 run_state=row["state"],
                 queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
                 trace_context=row["trace_context"],
+                chained=_ref(ref, row["chained"]),
             )
         replay = {k: params[k] for k in ("run_id", "kind", "step", "attempt", "release")}
-        again = conn.execute(self._replay_completion, replay | {"token": token}).mappings().first()
+        replay |= {"token": token, "chain_token": chain_token}
+        again = conn.execute(self._replay_completion, replay).mappings().first()
         if again is None:
             return None
         return Completion(
@@ -314,4 +337,11 @@ class Transitions:
             queued=tuple(sorted(again["queued"], key=lambda m: m["step"])),
             trace_context=again["trace_context"],
             replayed=True,
+            chained=_ref(ref, again["chained"]),
         )
+
+
+def _ref(completed: AttemptRef, chained: dict[str, Any] | None) -> AttemptRef | None:
+    if chained is None:
+        return None
+    return AttemptRef(completed.run_id, completed.kind, chained["step"], chained["attempt"])

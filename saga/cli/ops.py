@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -121,6 +123,19 @@ def db() -> None:
     """Migrate saga's tables in the configured database and schema."""
 
 
+@contextlib.contextmanager
+def _revision_errors(revision: str) -> Iterator[None]:
+    """Alembic's errors about a revision (unknown, ambiguous, not reachable) as a usage error
+    naming it."""
+    from alembic.util.exc import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CliError(f"bad --revision {revision!r}: {detail}", ExitCode.USAGE) from None
+
+
 @db.command()
 @click.option("--revision", default="head", show_default=True)
 @db_options
@@ -131,7 +146,8 @@ def upgrade(ctx: click.Context, revision: str) -> None:
 
     config = config_of(ctx)
     config.tables()
-    migrate.upgrade(config.engine(), schema=config.schema, revision=revision)
+    with _revision_errors(revision):
+        migrate.upgrade(config.engine(), schema=config.schema, revision=revision)
     now = migrate.current(config.engine(), schema=config.schema)
     output_of(ctx).line(
         f"{mask_url(config.url())} schema {config.schema}: at revision {now or 'base'}"
@@ -144,15 +160,21 @@ def upgrade(ctx: click.Context, revision: str) -> None:
 @db_options
 @click.pass_context
 def downgrade(ctx: click.Context, revision: str, yes: bool) -> None:
-    """Migrate down to REVISION (by default base: saga's tables and data are dropped)."""
+    """Migrate down to REVISION (by default base: saga's tables and data are dropped).
+
+    Data is lost: the tables and columns the downgrade removes go with what they hold."""
     from saga.db import migrate
 
     config = config_of(ctx)
     config.tables()
+    dropped = "every saga table is" if revision == "base" else "newer tables and columns are"
     confirm(
-        f"Downgrade schema {config.schema} of {mask_url(config.url())} to {revision}?", yes
+        f"Downgrade schema {config.schema} of {mask_url(config.url())} to {revision}? "
+        f"Data will be lost: {dropped} dropped with the runs' data in them.",
+        yes,
     )
-    migrate.downgrade(config.engine(), schema=config.schema, revision=revision)
+    with _revision_errors(revision):
+        migrate.downgrade(config.engine(), schema=config.schema, revision=revision)
     now = migrate.current(config.engine(), schema=config.schema)
     output_of(ctx).line(
         f"{mask_url(config.url())} schema {config.schema}: at revision {now or 'base'}"
@@ -190,7 +212,15 @@ def current(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def relay(ctx: click.Context, batch_size: int, poll_interval: float) -> int:
     """Run the outbox relay (and sweeper) for the engine bound to --app, until SIGTERM."""
-    app = config_of(ctx).require_app()
+    config = config_of(ctx)
+    app = config.require_app()
+    celery_app, _ = load_app(app, database_url=config.database_url, schema=config.schema)
+    if celery_app is None:
+        raise CliError(
+            f"{app!r} is not a Celery app: the relay publishes through one "
+            "(pass --app module:celery_app, the app saga.install() was called on)",
+            ExitCode.CONFIG,
+        )
     from saga import relay as relay_module
 
     log_format = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -17,6 +17,8 @@ from saga.store.base import Row
 
 SAMPLE = 10
 """How many expired leases / waiting runs the overview lists."""
+MAX_PAGE = 1_000_000
+"""The highest ``--page`` (deeper pages are cheaper to reach with ``--before``)."""
 
 
 @click.command()
@@ -119,9 +121,14 @@ def _print_overview(out: Output, doc: dict[str, Any]) -> None:
         )
 
 
+def _message_of(error: Any) -> Any:
+    """The text of a stored error document (``error_message`` in every JSON shape)."""
+    return error.get("message") if isinstance(error, dict) else error
+
+
 def _step_doc(row: Row, now: datetime) -> dict[str, Any]:
     error = row["error"]
-    message = error.get("message") if isinstance(error, dict) else error
+    message = _message_of(error)
     return {
         "step": row["step"],
         "kind": row["kind"],
@@ -133,7 +140,8 @@ def _step_doc(row: Row, now: datetime) -> dict[str, Any]:
         "worker": row["worker"],
         "lease_expires_at": row["lease_expires_at"],
         "due_at": row["due_at"],
-        "error": message,
+        "error_message": message,
+        "error": error,
     }
 
 
@@ -152,6 +160,7 @@ def _run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
             "finished_at": run["finished_at"],
             "duration_seconds": between(run["created_at"], run["finished_at"], now),
             "deadline_at": run["deadline_at"],
+            "error_message": _message_of(run["error"]),
             "error": run["error"],
         },
         "steps": [s for s in step_docs if s["kind"] == "step"],
@@ -165,7 +174,7 @@ def _run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
 
 def _print_run(out: Output, doc: dict[str, Any]) -> None:
     run = doc["run"]
-    error = run["error"]
+    error = run["error_message"]
     out.fields(
         f"Run {run['id']}",
         [
@@ -175,7 +184,7 @@ def _print_run(out: Output, doc: dict[str, Any]) -> None:
             ("started", fmt_time(run["created_at"])),
             ("finished", fmt_time(run["finished_at"])),
             ("duration", fmt_duration(run["duration_seconds"])),
-            *([("error", one_line(error.get("message", error), 100))] if error else []),
+            *([("error", one_line(str(error), 100))] if error else []),
         ],
     )
     for title, rows in (("Steps", doc["steps"]), ("Compensations", doc["compensations"])):
@@ -187,7 +196,7 @@ def _print_run(out: Output, doc: dict[str, Any]) -> None:
             ["step", "state", "attempt", "started", "duration", "last error"],
             [
                 [s["step"], s["state"], s["attempt"], fmt_time(s["started_at"]),
-                 fmt_duration(s["duration_seconds"]), one_line(s["error"] or "-", 60)]
+                 fmt_duration(s["duration_seconds"]), one_line(s["error_message"] or "-", 60)]
                 for s in rows
             ],
             state_column=1,
@@ -243,7 +252,9 @@ def _cursor(
     "--before", callback=_cursor, metavar="CURSOR",
     help="Rows older than this cursor: a created_at (ISO 8601), optionally ',<run id>'.",
 )
-@click.option("--page", type=click.IntRange(min=1), help="Page number (slower than --before).")
+@click.option(
+    "--page", type=click.IntRange(1, MAX_PAGE), help="Page number (slower than --before)."
+)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
 @json_option
 @db_options

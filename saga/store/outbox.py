@@ -36,23 +36,27 @@ WITH batch AS (
     -- leaves them due again then, and no lock outlives this statement.
     UPDATE {outbox} o SET available_at = now() + make_interval(secs => :hold)
     FROM batch WHERE o.id = batch.id
-    RETURNING o.id
+    RETURNING o.id, o.available_at
 )
-SELECT o.id, o.run_id::text AS run_id, r.workflow, r.version, r.definition_hash, o.kind, o.step,
-       o.attempt, o.queue, o.priority, o.time_limit, o.publish_count, o.trace_context,
+SELECT o.id, taken.available_at AS held_until, o.run_id::text AS run_id, r.workflow,
+       r.version, r.definition_hash, o.kind, o.step, o.attempt, o.queue, o.priority,
+       o.time_limit, o.publish_count, o.trace_context,
        EXTRACT(EPOCH FROM (batch.available_at - now()))::float8 AS countdown,
        EXTRACT(EPOCH FROM (now() - o.created_at))::float8 AS age
-FROM batch JOIN {outbox} o ON o.id = batch.id JOIN {runs} r ON r.id = o.run_id
-WHERE EXISTS (SELECT 1 FROM taken WHERE taken.id = batch.id)
+FROM batch JOIN taken ON taken.id = batch.id JOIN {outbox} o ON o.id = batch.id
+     JOIN {runs} r ON r.id = o.run_id
 ORDER BY batch.available_at, batch.id
 """
 _MARK_PUBLISHED = """
 UPDATE {outbox} SET published_at = now(), publish_count = publish_count + 1,
     republish_at = now() + make_interval(secs => least(
         :republish_after * power(:backoff, publish_count), :republish_after * :cap))
-WHERE id = ANY(:ids)
+WHERE id = ANY(:ids) AND published_at IS NULL AND available_at = :held
 """
-_RELEASE = "UPDATE {outbox} SET available_at = now() WHERE id = ANY(:ids) AND published_at IS NULL"
+_RELEASE = """
+UPDATE {outbox} SET available_at = now()
+WHERE id = ANY(:ids) AND published_at IS NULL AND available_at = :held
+"""
 _NEXT_DUE = """
 SELECT EXTRACT(EPOCH FROM (min(available_at) - now())) FROM {outbox} WHERE published_at IS NULL
 """
@@ -135,19 +139,23 @@ class OutboxStore:
         params = {"limit": limit, "lookahead": lookahead, "hold": hold}
         return [dict(r) for r in conn.execute(self._take_batch, params).mappings()]
 
-    def mark_published(self, conn: Connection, ids: Sequence[int], republish_after: float) -> None:
-        """Record that these messages reached the broker; each is due to go out again, if no
-        worker claims it, ``republish_after`` seconds from now, and eight times longer with
-        each time it was published before."""
+    def mark_published(
+        self, conn: Connection, ids: Sequence[int], held: Any, republish_after: float
+    ) -> None:
+        """Record that these messages, taken with ``held_until`` = ``held``, reached the
+        broker; each is due to go out again, if no worker claims it, ``republish_after``
+        seconds from now, and eight times longer with each time it was published before.
+        A row that changed meanwhile (a worker already sent it back) is left as it is."""
         if ids:
-            params = {"ids": list(ids), "republish_after": republish_after}
+            params = {"ids": list(ids), "held": held, "republish_after": republish_after}
             conn.execute(self._mark_published, params | {"backoff": REPUBLISH_BACKOFF,
                                                          "cap": REPUBLISH_CAP})
 
-    def release(self, conn: Connection, ids: Sequence[int]) -> None:
-        """Hand messages taken but not published back at once (the broker failed)."""
+    def release(self, conn: Connection, ids: Sequence[int], held: Any) -> None:
+        """Hand messages taken (``held``) but not published back at once (the broker
+        failed)."""
         if ids:
-            conn.execute(self._release, {"ids": list(ids)})
+            conn.execute(self._release, {"ids": list(ids), "held": held})
 
     def defer(self, conn: Connection, ref: AttemptRef) -> int | None:
         """Send a message a worker could not run (it lacks the run's workflow definition)

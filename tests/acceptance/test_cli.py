@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -58,11 +59,12 @@ def refund(ctx: StepContext) -> Any:
 REGISTRY = Registry(order)
 """What ``--app tests.acceptance.test_cli:REGISTRY`` loads."""
 
-celery_app = Celery("saga-cli-test", broker="memory://")
-install(
-    celery_app,
-    Saga(REGISTRY, database_url=os.environ.get("SAGA_DATABASE_URL", "postgresql://127.0.0.1/x")),
+ENGINE = Saga(
+    REGISTRY, database_url=os.environ.get("SAGA_DATABASE_URL", "postgresql://127.0.0.1/x")
 )
+"""What ``--app tests.acceptance.test_cli:ENGINE`` loads: a Saga, not a Celery app."""
+celery_app = Celery("saga-cli-test", broker="memory://")
+install(celery_app, ENGINE)
 
 
 def _step_states(state: str) -> dict[tuple[str, str], tuple[str, str | None]]:
@@ -213,7 +215,9 @@ def test_status_of_a_run_json_separates_steps_from_compensations(
         "reserve": "completed", "charge": "failed", "ship": "skipped"
     }
     assert [c["step"] for c in doc["compensations"]] == ["reserve"]
-    assert doc["steps"][0].keys() >= {"attempt", "started_at", "duration_seconds", "error"}
+    assert doc["steps"][0].keys() >= {
+        "attempt", "started_at", "duration_seconds", "error_message", "error"
+    }
     assert [h["event"] for h in doc["history"]][-1] == "step_failed"
 
 
@@ -269,6 +273,26 @@ def test_list_pages_with_the_before_cursor_and_page_numbers(
     assert [r["id"] for r in page2] == seen[4:8]
     plain = invoke("list", "--limit", "4")
     assert "more: --before" in plain.stderr
+
+
+def test_status_and_list_name_the_error_message_alike(invoke: Any, runs: dict[str, str]) -> None:
+    listed = json.loads(invoke("list", "--state", "failed", "--json").stdout)["runs"]
+    shown = json.loads(invoke("status", runs["failed"], "--json").stdout)
+    overview = json.loads(invoke("status", "--json").stdout)
+    charge = next(s for s in shown["steps"] if s["step"] == "charge")
+
+    assert listed[0]["error_message"] == "card declined"
+    assert shown["run"]["error_message"] == "card declined"
+    assert charge["error_message"] == "card declined"
+    assert charge["error"] == {"type": "X", "message": "card declined"}
+    assert overview["waiting_for_operator"]["runs"][0]["error_message"] == "card declined"
+
+
+def test_a_page_number_out_of_range_exits_2(invoke: Any, runs: dict[str, str]) -> None:
+    for page in ("99999999999999999999", "0"):
+        result = invoke("list", "--page", page)
+        assert result.exit_code == ExitCode.USAGE, result.output
+        assert "--page" in error_line(result)
 
 
 def test_a_bad_state_exits_2_and_lists_the_valid_states(invoke: Any, runs: dict[str, str]) -> None:
@@ -393,6 +417,34 @@ def test_db_current_downgrade_and_upgrade(invoke: Any) -> None:
     assert "secret" not in up.stdout
 
 
+def test_migrating_to_an_unknown_revision_exits_2_naming_it(invoke: Any) -> None:
+    for command in (["downgrade", "--yes"], ["upgrade"]):
+        result = invoke("db", *command, "--revision", "nosuch")
+        assert result.exit_code == ExitCode.USAGE, result.output
+        line = error_line(result)
+        assert "'nosuch'" in line and "unexpected" not in line
+    assert json.loads(invoke("db", "current", "--json").stdout)["up_to_date"] is True
+
+
+def test_the_downgrade_prompt_on_a_terminal_says_that_data_will_be_lost(db_url: str) -> None:
+    controller, terminal = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saga.cli.main", "db", "downgrade"],
+            cwd=ROOT, env={**os.environ, "SAGA_DATABASE_URL": db_url},
+            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        os.write(controller, b"n\n")
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+
+    assert "Downgrade schema saga" in stderr and "Data will be lost" in stderr
+    assert proc.returncode == ExitCode.ERROR
+    assert "not confirmed; nothing was changed" in stderr
+
+
 def test_missing_database_url_exits_6(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SAGA_DATABASE_URL", raising=False)
     result = CliRunner().invoke(cli, ["status"])
@@ -458,3 +510,10 @@ def test_relay_and_db_commands_document_their_options(invoke: Any) -> None:
     assert "--revision" in invoke("db", "downgrade", "--help").stdout
     no_app = invoke("relay")
     assert no_app.exit_code == ExitCode.CONFIG and "--app" in error_line(no_app)
+
+
+def test_the_relay_refuses_an_app_that_is_not_a_celery_app_with_exit_6(invoke: Any) -> None:
+    result = invoke("relay", "--app", f"{MODULE}:ENGINE")
+
+    assert result.exit_code == ExitCode.CONFIG, result.output
+    assert "not a Celery app" in error_line(result)

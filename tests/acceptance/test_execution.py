@@ -3,14 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import uuid
 from collections import Counter
 
 import pytest
-from celery import Celery
-from kombu import Connection, Exchange, Producer, Queue
 
 from tests.acceptance.conftest import RedisServer, System
 from tests.support.waiting import wait_until
@@ -152,124 +148,6 @@ def test_killing_the_relay_mid_batch_loses_no_message(system: System) -> None:
     counts = step_counts(system, run_ids)
     assert all(c == Counter(dict.fromkeys(LINEAR_STEPS, 1)) for c in counts.values())
     assert system.supervisor.log("relay").count("relay started") >= 2
-
-
-def test_malformed_messages_are_dropped_with_a_log_line_and_the_worker_keeps_serving(
-    system: System,
-) -> None:
-    system.start_worker()
-    system.start_relay()
-    worker_pid = system.supervisor.pid("worker")
-
-    sender = Celery("sender", broker=system.broker_url)
-    sender.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
-    missing_run = str(uuid.uuid4())
-    exchange = Exchange(system.queue, type="direct")
-    queue = Queue(system.queue, exchange, routing_key=system.queue)
-    try:
-        # Celery task messages whose arguments are not a step message.
-        sender.send_task("saga.execute", kwargs={"bogus": 1}, queue=system.queue)
-        sender.send_task("saga.execute", args=[1, 2], queue=system.queue)
-        sender.send_task(
-            "saga.execute",
-            kwargs={
-                "run_id": "not-a-uuid",
-                "workflow": "test.linear",
-                "version": 1,
-                "kind": "step",
-                "step": "first",
-                "attempt": 1,
-            },
-            queue=system.queue,
-        )
-        sender.send_task(
-            "saga.execute",
-            kwargs={
-                "run_id": missing_run,
-                "workflow": "test.linear",
-                "version": 1,
-                "kind": "step",
-                "step": "first",
-                "attempt": 1,
-            },
-            queue=system.queue,
-        )
-        sender.send_task(
-            "saga.execute",
-            kwargs={
-                "run_id": missing_run,
-                "workflow": "test.nope",
-                "version": 1,
-                "kind": "step",
-                "step": "first",
-                "attempt": 1,
-            },
-            queue=system.queue,
-        )
-        # Raw bodies: pickle (refused), plain text, and JSON that does not parse.
-        task_headers = {"lang": "py", "task": "saga.execute", "id": str(uuid.uuid4())}
-        with Connection(system.broker_url) as conn:
-            producer = Producer(conn.default_channel)
-            producer.publish(
-                b"\x80\x04\x95\x05\x00\x00\x00\x00\x00\x00\x00]\x94.",
-                exchange=exchange,
-                routing_key=system.queue,
-                declare=[queue],
-                content_type="application/x-python-serialize",
-                content_encoding="binary",
-                headers=task_headers,
-            )
-            producer.publish(
-                "hello, worker",
-                exchange=exchange,
-                routing_key=system.queue,
-                content_type="text/plain",
-                content_encoding="utf-8",
-            )
-            producer.publish(
-                b"{not json",
-                exchange=exchange,
-                routing_key=system.queue,
-                content_type="application/json",
-                content_encoding="utf-8",
-                headers={**task_headers, "id": str(uuid.uuid4())},
-            )
-            producer.publish(
-                json.dumps({"run_id": missing_run}),
-                exchange=exchange,
-                routing_key=system.queue,
-                content_type="application/json",
-                content_encoding="utf-8",
-            )
-    finally:
-        sender.close()
-
-    # Each one is dropped with a log line saying why...
-    expected = [
-        "dropped a malformed step message: unknown fields ['bogus']",
-        "dropped a step message with positional args",
-        "dropped a malformed step message: bad or missing field",
-        f"dropped a stale or duplicate message run_id={missing_run}",
-        # A workflow this worker lacks goes back to the outbox; for no run at all, nothing.
-        f"dropped a stale or duplicate message run_id={missing_run} workflow=test.nope",
-        "Refusing to deserialize untrusted content of type pickle",
-        "Refusing to deserialize untrusted content of type text/plain",
-        "Can't decode message body: DecodeError",
-        "Received and deleted unknown message",
-    ]
-    wait_until(
-        lambda: [line for line in expected if line not in system.supervisor.log("worker")] == [],
-        timeout=30,
-        message="not every bad message was logged",
-    )
-    assert system.executions() == []
-
-    # ...and the same worker process goes on serving: a normal run completes.
-    [run_id] = system.start_runs("test.linear", {})
-    assert system.wait_finished([run_id], timeout=60)[run_id] == "completed"
-    assert step_counts(system, [run_id])[run_id] == Counter(dict.fromkeys(LINEAR_STEPS, 1))
-    assert system.supervisor.pid("worker") == worker_pid
-    assert system.supervisor.restarts("worker") == 0
 
 
 def test_the_relay_stops_on_sigterm_with_exit_0_and_another_carries_on(system: System) -> None:

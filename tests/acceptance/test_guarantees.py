@@ -286,3 +286,25 @@ def test_a_threads_pool_of_ten_on_the_default_connection_pool_ends_every_run_as_
         undone = [r["step"] for r in compensations(gsys, run_id)]
         assert undone[0] == "d" and undone[-1] == "a" and sorted(undone) == ["a", "b", "c", "d"]
     assert "TimeoutError" not in gsys.supervisor.log("worker")
+
+
+def test_a_worker_killed_in_a_step_it_chained_in_process_has_that_step_run_again(
+    gsys: System,
+) -> None:
+    gsys.start_worker("worker")
+    gsys.start_relay()
+    run_id = gsys.start_runs("g.policy", {"sleep": {"second": 30}})[0]
+    wait_until(lambda: started(gsys, run_id, "second"), message="second did not start")
+    # One message went to the worker: second was claimed with first's completion, in-process.
+    assert gsys.supervisor.log("worker").count("] received") == 1
+    steps = {s["step"]: s for s in gsys.run(run_id)["steps"]}
+    assert steps["first"]["worker"].rsplit(":", 1)[0] == steps["second"]["worker"].rsplit(":", 1)[0]
+
+    gsys.supervisor.kill("worker")  # the chained step's lease is all that is left of it
+    wait_until(
+        lambda: started(gsys, run_id, "second", attempt=2),
+        timeout=40,
+        message="the chained step did not run again after its worker died",
+    )
+    history = [h["event"] for h in gsys.run(run_id)["history"]]
+    assert "lease_expired" in history

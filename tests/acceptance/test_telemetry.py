@@ -422,7 +422,7 @@ def test_with_real_worker_and_relay_processes(
         spans = read_spans(span_file)
         attempts = [s for s in spans if "saga.outcome" in s["attributes"]]
         publishes = [s for s in spans if s["name"].startswith("saga publish ")]
-        enough = len(attempts) >= len(EXPECTED_ATTEMPTS) <= len(publishes)
+        enough = len(attempts) >= len(EXPECTED_ATTEMPTS) and publishes
         return spans if enough else None
 
     spans = wait_until(all_spans, timeout=20, message="spans were not all written")
@@ -477,9 +477,12 @@ def check_process_spans(
         attrs = span["attributes"]
         assert span["kind"] == "CONSUMER"
         assert attrs["saga.workflow"] == WORKFLOW and attrs["saga.run_id"] == run_id
-        # The headers came through Celery: each attempt is a child of its message's publish.
-        assert span["parent_id"] in publishes, span
-        assert key(publishes[span["parent_id"]]) == key(span)
+        # The headers came through Celery: an attempt whose message was published is a child
+        # of that publish; one its worker chained in-process (no message) of the run's start.
+        if span["parent_id"] != root_id:
+            assert span["parent_id"] in publishes, span
+            assert key(publishes[span["parent_id"]]) == key(span)
+    assert any(s["parent_id"] in publishes for s in attempts)
 
     charge = sorted((s for s in attempts if key(s)[:2] == ("step", "charge")), key=key)
     assert [key(s)[2] for s in charge] == [1, 2]

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from celery import Celery
+from kombu import Exchange, Queue
 from sqlalchemy import text
 
 import saga
@@ -36,13 +37,37 @@ def record(ctx: StepContext, note: str = "") -> None:
         )
 
 
+class UnprintableError(Exception):
+    """An exception whose text cannot be had: its ``__str__`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be printed")
+
+
+def _poison(kind: str) -> Any:
+    """What a step returns or raises that PostgreSQL cannot store as it is."""
+    if kind == "nul_result":
+        return {"s": "a\x00b"}
+    if kind == "nul_error":
+        raise ValueError("bad\x00byte")
+    if kind == "unprintable_error":
+        raise UnprintableError()
+    if kind == "huge_error":
+        raise ValueError("x" * 2**20)
+    raise AssertionError(f"unknown poison {kind!r}")
+
+
 def _behaviour(ctx: StepContext) -> Any:
-    """Per-run knobs in the input: {"sleep": {"step": s}, "fail": {"step": n_times|"always"}}."""
+    """Per-run knobs in the input: {"sleep": {"step": s}, "fail": {"step": n_times|"always"},
+    "poison": {"step": "nul_result"|"nul_error"|"unprintable_error"|"huge_error"}}."""
     record(ctx)
     inp = ctx.input if isinstance(ctx.input, dict) else {}
     pause = inp.get("sleep", {}).get(ctx.step)
     if pause:
         time.sleep(pause)
+    poison = inp.get("poison", {}).get(ctx.step)
+    if poison:
+        return _poison(poison)
     fail = inp.get("fail", {}).get(ctx.step)
     if fail == "permanent":
         raise PermanentError(f"{ctx.step} declined")
@@ -106,6 +131,16 @@ app = Celery("saga-tests", broker=os.environ.get("SAGA_BROKER_URL", "redis://127
 saga.install(app, engine)
 # What saga wants of a worker serving its queues (install() leaves the app's settings alone).
 app.conf.update(WORKER_SETTINGS, broker_connection_retry_on_startup=True)
+DEAD_LETTER_EXCHANGE = os.environ.get("SAGA_TEST_DEAD_LETTER_EXCHANGE")
+if DEAD_LETTER_EXCHANGE:
+    # The queue as a RabbitMQ deployment would have it: rejected messages go to a dead-letter
+    # exchange (the README recommends a policy; a queue argument does the same).
+    app.conf.task_queues = [
+        Queue(
+            QUEUE, Exchange(QUEUE, type="direct"), routing_key=QUEUE,
+            queue_arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+        )
+    ]
 
 
 @app.task(name="tests.legacy_total")  # type: ignore[untyped-decorator]

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 from saga import Saga, Settings
 from saga.celery_adapter import CeleryPublisher
+from saga.core.attempts import AttemptRef
 from saga.messages import Envelope
 from saga.relay import Relay
 from saga.sweeper import Sweeper
@@ -115,6 +116,21 @@ def test_a_relay_killed_between_taking_and_marking_a_batch_leaves_it_due_again(
     wait_until(due_again, timeout=10, message="the held message never came due again")
 
 
+def test_a_message_a_worker_sent_back_while_the_relay_published_it_stays_sent_back(
+    saga_engine: Saga,
+) -> None:
+    run_id = saga_engine.start_now("it.linear", {}).run_id
+    outbox = saga_engine.lifecycle.outbox
+    with saga_engine.autocommit() as conn:
+        taken = outbox.take_batch(conn, limit=10, lookahead=0, hold=30)
+        # A fast worker without the run's definition got the message and sent it back ...
+        assert outbox.defer(conn, AttemptRef(run_id, "step", "a", 1)) == 1
+        # ... before the relay said it had published it.
+        outbox.mark_published(conn, [r["id"] for r in taken], taken[0]["held_until"], 300)
+        row = conn.execute(text("SELECT published_at, deferrals FROM saga.outbox")).one()
+    assert tuple(row) == (None, 1), "the deferral must not be overwritten"
+
+
 def test_fifty_unclaimed_messages_and_five_sweeps_past_republish_after_make_two_copies_each(
     db_url: str, redis_url: str, saga_engine: Saga
 ) -> None:
@@ -160,7 +176,7 @@ def test_a_message_published_again_goes_out_later_each_time(saga_engine: Saga) -
     for _ in range(3):
         with engine.autocommit() as conn:
             taken = outbox.take_batch(conn, limit=10, lookahead=0, hold=30)
-            outbox.mark_published(conn, [r["id"] for r in taken], 10)
+            outbox.mark_published(conn, [r["id"] for r in taken], taken[0]["held_until"], 10)
             gap = conn.execute(
                 text("SELECT EXTRACT(EPOCH FROM republish_at - published_at) FROM saga.outbox")
             ).scalar()

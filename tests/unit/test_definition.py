@@ -82,6 +82,7 @@ def test_a_cycle_is_refused_naming_its_steps() -> None:
     assert info.value.workflow == "loop"
     assert set(info.value.steps) == {"a", "b", "c"}
     assert info.value.steps[0] == info.value.steps[-1]
+    assert str(info.value) == "workflow 'loop' (step 'a', 'c', 'b', 'a'): cycle: a -> c -> b -> a"
 
 
 def test_a_step_that_runs_after_itself_is_refused() -> None:
@@ -89,6 +90,62 @@ def test_a_step_that_runs_after_itself_is_refused() -> None:
         Workflow("selfish", steps=[Step("a", FunctionStep(reserve), after=("a",))])
 
     assert info.value.steps == ("a",)
+
+
+def test_a_step_declared_to_run_after_itself_is_refused_as_such() -> None:
+    wf = Workflow("selfish")
+
+    with pytest.raises(DefinitionError, match="runs after itself") as by_call:
+        wf.add_step("a", reserve, after=["a"])
+    with pytest.raises(DefinitionError, match="runs after itself") as by_decorator:
+
+        @wf.step(after=["charge"])
+        def charge(ctx: Any) -> None: ...
+
+    assert by_call.value.steps == ("a",)
+    assert by_decorator.value.steps == ("charge",)
+    assert "unknown" not in str(by_call.value) + str(by_decorator.value)
+
+
+def test_running_after_a_step_not_declared_yet_says_steps_come_after_their_dependencies() -> None:
+    wf = Workflow("w")
+
+    # What declaring a -> b -> a looks like with the decorator: the first declaration fails.
+    with pytest.raises(DefinitionError) as info:
+
+        @wf.step(after=["b"])
+        def a(ctx: Any) -> None: ...
+
+    message = str(info.value)
+    assert "runs after unknown step 'b'" in message
+    assert "a step must be declared after the steps it runs after" in message
+    assert info.value.steps == ("a", "b")
+
+
+@pytest.mark.parametrize(
+    "declare",
+    [
+        lambda: Workflow("w", retries=3),
+        lambda: Workflow("w").add_step("a", reserve, retries=3),
+        lambda: Workflow("w").step("a", retries=3),
+        lambda: Workflow("w").step(retries=3)(reserve),
+    ],
+    ids=["workflow", "add_step", "step_named", "step_decorator"],
+)
+def test_an_unknown_option_is_a_definition_error_naming_it(declare: Any) -> None:
+    with pytest.raises(DefinitionError, match="unknown option") as info:
+        declare()
+
+    assert "retries" in str(info.value)
+    assert info.value.workflow == "w"
+    assert isinstance(info.value, TypeError) and isinstance(info.value, ValueError)
+
+
+def test_an_unknown_option_of_a_step_names_the_step() -> None:
+    with pytest.raises(DefinitionError) as info:
+        Workflow("w").step(retries=3)(reserve)
+
+    assert info.value.steps == ("reserve",)
 
 
 def test_an_acyclic_graph_given_as_steps_is_accepted() -> None:

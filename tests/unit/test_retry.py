@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from saga.errors import PermanentError, RetryableError, StepError
+from saga.errors import DefinitionError, PermanentError, RetryableError, StepError
 from saga.retry import DEFAULT_RETRY, NO_RETRY, RetryPolicy
 
 
@@ -19,6 +19,9 @@ def no_jitter() -> float:
     [
         ({"max_attempts": 0}, "max_attempts"),
         ({"max_attempts": 1.5}, "max_attempts"),
+        ({"max_attempts": True}, "max_attempts"),
+        ({"initial_delay": float("nan")}, "initial_delay"),
+        ({"max_delay": float("inf")}, "max_delay"),
         ({"initial_delay": -1}, "initial_delay"),
         ({"max_delay": -1}, "max_delay"),
         ({"jitter": -0.1}, "jitter"),
@@ -33,8 +36,19 @@ def no_jitter() -> float:
 def test_an_invalid_policy_is_refused_naming_the_setting(
     kwargs: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(DefinitionError, match=message) as info:
         RetryPolicy(**kwargs)
+
+    assert isinstance(info.value, ValueError)
+    assert info.value.workflow is None
+    assert str(info.value).startswith("RetryPolicy: ")
+
+
+def test_an_unknown_policy_option_is_a_definition_error() -> None:
+    with pytest.raises(DefinitionError, match=r"unknown option.*retries") as info:
+        RetryPolicy(retries=3)  # type: ignore[call-arg]
+
+    assert isinstance(info.value, TypeError)
 
 
 def test_delays_grow_exponentially_up_to_the_cap() -> None:
