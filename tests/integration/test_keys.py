@@ -74,7 +74,7 @@ def test_by_default_a_key_whose_run_finished_still_returns_that_run(saga_engine:
     assert saga_engine.get_run("order-1")["input"] == {"order": 1}
 
 
-def test_refusing_a_changed_input_returns_the_run_for_the_same_input_and_names_the_run_else(
+def test_refusing_a_changed_input_returns_the_run_for_the_same_input_and_otherwise_names_it(
     saga_engine: Saga,
 ) -> None:
     first = saga_engine.start_now("k.refusing", {"order": 1, "items": [1, 2]}, key="order-1")
