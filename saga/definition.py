@@ -43,7 +43,9 @@ class Step:
     time_limit: float | None = None
 
 
-_WORKFLOW_OPTIONS = ("version", "retry", "queue", "time_limit", "deadline", "steps")
+_WORKFLOW_OPTIONS = (
+    "version", "retry", "queue", "time_limit", "deadline", "steps", "key_policy",
+)
 _STEP_OPTIONS = (
     "after", "compensate", "retry", "compensation_retry", "queue", "priority", "time_limit"
 )
@@ -96,6 +98,7 @@ class Workflow:
         time_limit: float = 300.0,
         deadline: float | None = None,
         steps: Sequence[Step] = (),
+        key_policy: KeyPolicy | str = KeyPolicy.RETURN_EXISTING,
         **unknown: Never,
     ) -> None:
         """Declare a workflow; an unknown keyword option is a :class:`DefinitionError`."""
@@ -108,6 +111,7 @@ class Workflow:
         self.time_limit = time_limit
         self.deadline = deadline
         self.steps = steps
+        self.key_policy = key_policy
         self._frozen = False
         self.__post_init__()
 
