@@ -24,6 +24,7 @@ from celery import Celery
 
 import saga
 from saga import StepContext, Workflow
+from saga.celery_adapter import WORKER_SETTINGS
 
 DATABASE_URL = os.environ.setdefault(
     "SAGA_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/saga_bench"
@@ -69,10 +70,21 @@ engine = saga.Saga(registry, database_url=DATABASE_URL)
 
 app = Celery("saga-bench", broker=REDIS_URL, backend=REDIS_URL)
 saga.install(app, engine)
-# Plain Celery tasks go to the same queue the worker consumes. (install() made the app
-# JSON-only, acks_late, prefetch 1 and ignore_result by default; the baseline shares that
-# worker and those settings. The chord's header tasks store results: a chord needs them.)
-app.conf.task_default_queue = QUEUE
+# install() sets nothing on the app: saga's task carries its own options (JSON, acks_late,
+# no reject on worker lost, no result). The baseline's plain tasks get the same ones as the
+# app's defaults, and the worker the settings saga wants, so both sides run on equal terms.
+# Plain Celery tasks go to the same queue the worker consumes. (The chord's header tasks
+# store results: a chord needs them.)
+app.conf.update(
+    WORKER_SETTINGS,
+    task_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    task_reject_on_worker_lost=False,
+    task_ignore_result=True,
+    broker_connection_retry_on_startup=True,
+    task_default_queue=QUEUE,
+)
 
 # -- the plain Celery baseline ----------------------------------------------------------------
 

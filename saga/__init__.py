@@ -6,6 +6,7 @@ beside your workers.
 """
 
 from saga.app import ConfigurationError, Saga
+from saga.canvas import from_canvas
 from saga.context import JSON, StepContext
 from saga.definition import Step, Workflow
 from saga.errors import (
@@ -13,13 +14,18 @@ from saga.errors import (
     DefinitionMismatchError,
     InputError,
     InvalidTransitionError,
+    KeyConflictError,
     PermanentError,
     RetryableError,
+    RunFailedError,
     SagaError,
     StepError,
     UnknownRunError,
     UnknownWorkflowError,
+    WaitTimeoutError,
 )
+from saga.handles import RunHandle
+from saga.keys import KeyPolicy
 from saga.registry import Registry
 from saga.retry import RetryPolicy
 from saga.settings import Settings
@@ -43,10 +49,14 @@ __all__ = [
     "FunctionStep",
     "InputError",
     "InvalidTransitionError",
+    "KeyConflictError",
+    "KeyPolicy",
     "PermanentError",
     "Registry",
     "RetryPolicy",
     "RetryableError",
+    "RunFailedError",
+    "RunHandle",
     "Saga",
     "SagaError",
     "Settings",
@@ -56,6 +66,8 @@ __all__ = [
     "StepError",
     "UnknownRunError",
     "UnknownWorkflowError",
+    "WaitTimeoutError",
     "Workflow",
+    "from_canvas",
     "install",
 ]

@@ -4,27 +4,34 @@ process (or per test) and hand it to the worker and the relay."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from dataclasses import replace
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from saga import faults, telemetry
 from saga.definition import Workflow
 from saga.dispatch import Dispatcher
-from saga.errors import SagaError
+from saga.errors import InvalidTransitionError, SagaError
+from saga.handles import RunHandle, RunWatcher
+from saga.keys import KeyPolicy, is_unfinished_key_conflict, rerun_refusal
 from saga.lifecycle import Lifecycle
 from saga.messages import Publisher
 from saga.registry import Registry
 from saga.settings import Settings
-from saga.starting import Started, Starter
+from saga.starting import Executes, Started, Starter
 from saga.store.base import Row, Tables
 from saga.transitions import Transitions
+
+if TYPE_CHECKING:  # the asyncio extension needs greenlet (saga[async])
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 T = TypeVar("T")
 
@@ -87,36 +94,64 @@ class Saga:
 
     def start(
         self,
-        target: Session | Connection,
+        target: Session | Connection | Executes,
         workflow: Workflow | str,
         input: Any,
         *,
         key: str | None = None,
         version: int | None = None,
+        key_policy: KeyPolicy | str | None = None,
     ) -> Started:
         """Start a run in the caller's transaction (``target`` is their Session or Connection):
-        it exists once they commit, and not at all if they roll back. With a business ``key``,
-        starting again returns the existing run. The current trace context goes with the run."""
-        wf = (
-            self.registry.get(workflow, version)
-            if isinstance(workflow, str)
-            else self.registry.register(workflow)
-        )
+        it exists once they commit, and not at all if they roll back. With a business ``key``
+        that names a run already, the workflow's ``key_policy`` (or this one) says what
+        happens (:class:`~saga.keys.KeyPolicy`; by default the existing run is returned). The
+        current trace context goes with the run. The returned handle can :meth:`~Started.wait`
+        for the run's outcome once the transaction has committed."""
+        wf = self._workflow(workflow, version)
         trace = telemetry.capture_context()
         prompt = self.dispatcher is not None and isinstance(target, Session)
         started = self._starter.start(
-            target, wf, input, key=key, trace_context=trace, published=prompt
+            target, wf, input, key=key, key_policy=key_policy, trace_context=trace,
+            published=prompt,
         )
         if prompt and started.created:
             assert self.dispatcher is not None and isinstance(target, Session)
             self.dispatcher.after_commit(target, wf, started.run_id, trace)
-        return started
+        return replace(started, _watcher=self.watcher)
 
-    def start_now(self, workflow: Workflow | str, input: Any, *, key: str | None = None) -> Started:
-        """Start a run in a transaction of its own (for scripts and tests); its first steps
-        go out as soon as it commits."""
+    async def start_async(
+        self,
+        target: AsyncSession | AsyncConnection,
+        workflow: Workflow | str,
+        input: Any,
+        *,
+        key: str | None = None,
+        version: int | None = None,
+        key_policy: KeyPolicy | str | None = None,
+    ) -> Started:
+        """:meth:`start` in the caller's ``AsyncSession`` or ``AsyncConnection`` (SQLAlchemy's
+        asyncio API, e.g. ``postgresql+psycopg://`` with ``create_async_engine``). Its first
+        steps go out through the relay (no prompt start after an async commit yet)."""
+        started = await self._starter.start_async(
+            target, self._workflow(workflow, version), input, key=key, key_policy=key_policy,
+            trace_context=telemetry.capture_context(),
+        )
+        return replace(started, _watcher=self.watcher)
+
+    def start_now(
+        self,
+        workflow: Workflow | str,
+        input: Any,
+        *,
+        key: str | None = None,
+        key_policy: KeyPolicy | str | None = None,
+    ) -> Started:
+        """Start a run in a transaction of its own, committed when this returns (for scripts,
+        tests and callers with no transaction of their own); its first steps go out as soon
+        as it commits."""
         with Session(self.engine) as session, session.begin():
-            return self.start(session, workflow, input, key=key)
+            return self.start(session, workflow, input, key=key, key_policy=key_policy)
 
     def use_publisher(self, make_publisher: Callable[[], Publisher]) -> None:
         """Publish the messages this engine's starts (in a Session, or ``start_now``) and
@@ -125,6 +160,61 @@ class Saga:
         stays the fallback. Off with ``Settings(eager_dispatch=False)``."""
         if self.settings.eager_dispatch:
             self.dispatcher = Dispatcher(self, make_publisher)
+
+    def start_canvas(
+        self,
+        target: Session | Connection | Executes,
+        name: str,
+        canvas: Mapping[str, Any],
+        *,
+        key: str | None = None,
+        version: int | None = None,
+        key_policy: KeyPolicy | str | None = None,
+    ) -> Started:
+        """Start a Celery canvas (chain, group or chord of task signatures) as a run of the
+        workflow ``name`` in the caller's transaction: its tasks are the steps, its arguments
+        the input (:mod:`saga.canvas`). The workflow is registered if it is not; a registered
+        one must have the canvas's shape. Workers need it too: register
+        ``saga.from_canvas(name, ...).workflow`` where they import their workflows."""
+        from saga.canvas import as_registered
+
+        run = as_registered(self.registry, name, canvas, version)
+        return self.start(target, run.workflow, run.input, key=key, key_policy=key_policy)
+
+    def rerun(self, ref: str) -> Started:
+        """Start a finished run (id or business key) again as a new run of its workflow's
+        newest version, with its input and key; the key then names the new run."""
+        with Session(self.engine) as session, session.begin():
+            conn = session.connection()
+            run = self.lifecycle.runs.find(conn, self.resolve_run(conn, ref))[0]
+            key = run["business_key"]
+            latest = self.lifecycle.runs.find(conn, key, run["workflow"]) if key else [run]
+            refusal = rerun_refusal(run, str(latest[0]["id"]))
+            if refusal:
+                raise InvalidTransitionError(refusal)
+            return self.start(
+                session, run["workflow"], run["input"], key=key,
+                key_policy=KeyPolicy.NEW_AFTER_FINISH,
+            )
+
+    def handle(self, ref: str) -> RunHandle:
+        """A handle on the run whose id or business key (its newest run) is ``ref``, to
+        :meth:`~saga.handles.RunHandle.wait` for its outcome."""
+        with self.engine.connect() as conn:
+            return RunHandle(self.resolve_run(conn, ref), _watcher=self.watcher)
+
+    @cached_property
+    def watcher(self) -> RunWatcher:
+        """Wakes this process's callers waiting on runs (one listening connection, only while
+        someone waits)."""
+        return RunWatcher(
+            self.engine, self.tables, self.connect_raw, self.settings.wait_poll_interval
+        )
+
+    def _workflow(self, workflow: Workflow | str, version: int | None) -> Workflow:
+        if isinstance(workflow, str):
+            return self.registry.get(workflow, version)
+        return self.registry.register(workflow)
 
     # -- operator actions --------------------------------------------------------------------
 
@@ -137,9 +227,16 @@ class Saga:
     def retry(self, run: str, from_step: str | None = None) -> str:
         """Retry a ``failed`` run from the step that failed (or ``from_step``), or the failed
         compensations of a ``compensation_failed`` run."""
-        return self._in_tx(
-            lambda c: self.lifecycle.retry_in_tx(c, self.resolve_run(c, run), from_step)
-        )
+        try:
+            return self._in_tx(
+                lambda c: self.lifecycle.retry_in_tx(c, self.resolve_run(c, run), from_step)
+            )
+        except IntegrityError as exc:
+            if not is_unfinished_key_conflict(exc):
+                raise
+            raise InvalidTransitionError(
+                f"run {run} cannot run again: its business key names a newer unfinished run"
+            ) from None
 
     def resolve(self, run: str, reason: str) -> str:
         """Mark a ``compensation_failed`` run ``resolved`` by hand, keeping ``reason``."""

@@ -1,8 +1,9 @@
 """Everything saga does with Celery, behind one module.
 
-:func:`install` wires an engine into the user's own Celery app (no global app): safe settings
-made explicit, and one task, ``saga.execute``, that runs step messages. :class:`CeleryPublisher`
-is how the relay puts messages on the broker.
+:func:`install` wires an engine into the user's own Celery app (no global app): one task,
+``saga.execute``, that runs step messages with options of its own, and a check of the worker's
+settings at its start; the app's settings and its other tasks stay as they were.
+:class:`CeleryPublisher` is how the relay puts messages on the broker.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from celery import Celery, bootsteps, signals
+from celery.exceptions import Ignore
 
 from saga import codec, logs, telemetry
 from saga.app import Saga
 from saga.context import JSON
-from saga.errors import SagaError
+from saga.errors import PermanentError, SagaError
 from saga.executor import Executor
 from saga.messages import Envelope
 from saga.presence import Presence, beat_in_thread
@@ -33,19 +35,29 @@ HARD_LIMIT_GRACE = 5.0
 _TASK_ID_NS = uuid.UUID("5a9a0000-0000-4000-8000-00000000a9a5")
 _ENGINES: weakref.WeakKeyDictionary[Celery, Saga] = weakref.WeakKeyDictionary()
 
-SAFE_SETTINGS: dict[str, Any] = {
-    "task_serializer": "json",
-    "result_serializer": "json",
-    "accept_content": ["json"],
-    "result_accept_content": ["json"],
-    "task_acks_late": True,
-    # A lost worker's step comes back through its lease, not through a redelivery loop.
-    "task_reject_on_worker_lost": False,
+TASK_OPTIONS: dict[str, Any] = {
+    "name": TASK_NAME,
+    "serializer": "json",
+    "acks_late": True,
+    # A lost worker's step comes back through its heartbeat-kept lease, not through a
+    # redelivery loop.
+    "reject_on_worker_lost": False,
+    "ignore_result": True,
+}
+"""The options of saga's own task, ``saga.execute``; install() changes no setting of the app or
+of its other tasks. Each message's queue and routing key are set when it is published."""
+
+WORKER_SETTINGS: dict[str, Any] = {
+    # A worker that prefetches holds messages it may not start for a long time.
     "worker_prefetch_multiplier": 1,
-    "task_ignore_result": True,
-    "broker_connection_retry_on_startup": True,
+    # Celery cancels unacknowledged late-ack tasks when the broker connection is lost (their
+    # messages come back); saga's claim guard makes the redelivered message harmless.
     "worker_cancel_long_running_tasks_on_connection_loss": True,
 }
+"""Worker-wide settings saga wants on a worker that serves its queues (they apply to every
+task of the worker, so saga does not set them): set them on the app
+(``app.conf.update(WORKER_SETTINGS)``) or per worker (``--prefetch-multiplier 1``). A worker
+that consumes saga's queues without them logs one warning line at start."""
 
 
 class _TaskCaller:
@@ -58,25 +70,30 @@ class _TaskCaller:
         task = self._app.tasks.get(name)
         if task is None:
             raise SagaError(f"Celery task {name!r} is not registered on this worker")
-        return task(*args, **kwargs)
+        try:
+            return task(*args, **kwargs)
+        except Ignore:
+            # self.replace() sends the replacement to Celery and raises Ignore: saga cannot
+            # follow it, and the step has no result.
+            raise PermanentError(
+                f"Celery task {name!r} called self.replace() (or raised Ignore), which saga "
+                "cannot follow: declare the replacement's tasks as steps instead"
+            ) from None
 
 
-def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = None) -> Celery:
-    """Bind ``saga`` to the Celery ``app``: JSON only, acks_late, prefetch 1, and the
-    ``saga.execute`` task. ``settings`` override individual Celery settings (pickle stays out)."""
-    merged = {**SAFE_SETTINGS, **(settings or {})}
-    if "pickle" in merged["accept_content"] or merged["task_serializer"] != "json":
-        raise ValueError("saga accepts JSON messages only")
-    app.conf.update(merged)
+def install(app: Celery, saga: Saga) -> Celery:
+    """Bind ``saga`` to the Celery ``app``: register saga's task ``saga.execute`` (JSON,
+    acks_late, no result; :data:`TASK_OPTIONS`) and the worker checks. No setting of the app
+    or of its other tasks changes; :data:`WORKER_SETTINGS` are checked at worker start."""
     _ENGINES[app] = saga
     app.steps["consumer"].add(GuardedConsumer)
     saga.use_publisher(lambda: CeleryPublisher(app))
     executor = Executor(saga, queues=lambda: consumed_queues(app))
     caller = _TaskCaller(app)
 
+    # Not shared: another Celery app in this process gets its own (with its own engine).
     @app.task(  # type: ignore[untyped-decorator]
-        name=TASK_NAME, bind=True, acks_late=True, ignore_result=True,
-        Strategy=f"{__name__}:guarded_strategy",
+        bind=True, shared=False, Strategy=f"{__name__}:guarded_strategy", **TASK_OPTIONS
     )
     def execute(self: Any, *args: Any, **kwargs: Any) -> str:
         if args:
@@ -96,14 +113,33 @@ def install(app: Celery, saga: Saga, *, settings: Mapping[str, Any] | None = Non
         saga.forget_connections()
 
     @signals.worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
-    def _check_pool(sender: Any = None, **_: Any) -> None:
+    def _check_worker(sender: Any = None, **_: Any) -> None:
         if sender is None or getattr(sender, "app", None) is not app:
             return
-        refusal = refused_pool(str(sender.pool_cls), set(consumed_queues(app)), saga_queues(saga))
+        consumed = set(consumed_queues(app))
+        queues = saga_queues(saga)
+        refusal = refused_pool(str(sender.pool_cls), consumed, queues)
         if refusal:
             log.critical(refusal)
             # Celery logs and swallows an Exception raised by a signal handler.
             raise SystemExit(f"saga: {refusal}")
+        conf = sender.app.conf
+        warning = worker_warning(
+            {
+                # The worker's own value: --prefetch-multiplier wins over the app's setting.
+                "worker_prefetch_multiplier": getattr(
+                    sender, "prefetch_multiplier", conf.worker_prefetch_multiplier
+                ),
+                "worker_cancel_long_running_tasks_on_connection_loss": (
+                    conf.worker_cancel_long_running_tasks_on_connection_loss
+                ),
+                "accept_content": conf.accept_content,
+            },
+            consumed,
+            queues,
+        )
+        if warning:
+            log.warning(warning)
 
     _register_worker(app, saga)
     return app
@@ -163,6 +199,29 @@ def refused_pool(pool: str, consumed: set[str], queues: set[str]) -> str | None:
     return (
         f"the {pool!r} pool cannot enforce saga steps' time limits; run queues "
         f"{', '.join(serving)} on a prefork, threads or solo worker (-P prefork|threads|solo)"
+    )
+
+
+def worker_warning(conf: Mapping[str, Any], consumed: set[str], queues: set[str]) -> str | None:
+    """The one warning line for a worker consuming ``consumed`` (empty: every queue) whose
+    settings ``conf`` differ from what saga wants on its queues (:data:`WORKER_SETTINGS`, and
+    no pickle accepted), or ``None``."""
+    serving = sorted(consumed & queues) if consumed else sorted(queues)
+    if not serving:
+        return None
+    wrong = [
+        f"{name}={conf.get(name)!r} (saga wants {want!r})"
+        for name, want in WORKER_SETTINGS.items()
+        if conf.get(name) != want
+    ]
+    if "pickle" in (conf.get("accept_content") or ()):
+        wrong.append("accept_content includes 'pickle' (saga's messages are JSON only)")
+    if not wrong:
+        return None
+    return (
+        f"saga: this worker serves saga queues {', '.join(serving)} with " + "; ".join(wrong)
+        + ": set them on the Celery app (app.conf.update(saga.celery_adapter.WORKER_SETTINGS))"
+        " or with --prefetch-multiplier=1"
     )
 
 
@@ -423,6 +482,9 @@ class CeleryPublisher:
         msg = envelope.message
         options: dict[str, Any] = {
             "kwargs": msg.as_body(),
+            # Whatever the app's own defaults: saga's messages are JSON, and have no result.
+            "serializer": "json",
+            "ignore_result": True,
             "task_id": task_id(msg.run_id, msg.kind, msg.step, msg.attempt),
             "queue": envelope.queue,
             "routing_key": envelope.queue,

@@ -13,6 +13,7 @@ from typing import Any, Never, TypeVar
 from saga.context import JSON, StepContext
 from saga.core import graph
 from saga.errors import DefinitionError
+from saga.keys import KeyPolicy, key_policy
 from saga.retry import DEFAULT_RETRY, RetryPolicy
 from saga.steps import (
     CeleryTaskStep,
@@ -48,7 +49,9 @@ class Step:
     time_limit: float | None = None
 
 
-_WORKFLOW_OPTIONS = ("version", "retry", "queue", "time_limit", "deadline", "steps")
+_WORKFLOW_OPTIONS = (
+    "version", "retry", "queue", "time_limit", "deadline", "steps", "key_policy",
+)
 _STEP_OPTIONS = (
     "after", "compensate", "retry", "compensation_retry", "queue", "priority", "time_limit"
 )
@@ -75,7 +78,8 @@ class Workflow:
     Declare steps with the :meth:`step` decorator (or :meth:`add_step` for Celery tasks);
     every declaration is validated at once and a wrong one raises :class:`DefinitionError`
     naming the step. Passing ``steps=[Step(...), ...]`` validates the whole graph, cycles
-    included. Registering the workflow freezes it.
+    included. Registering the workflow freezes it. ``key_policy`` says what a start under a
+    business key that names a run already does (:class:`~saga.keys.KeyPolicy`).
     """
 
     name: str
@@ -85,6 +89,8 @@ class Workflow:
     time_limit: float = 300.0
     deadline: float | None = None
     steps: Sequence[Step] = ()
+    key_policy: KeyPolicy | str = KeyPolicy.RETURN_EXISTING
+    """What starting a run does when its business key names a run already (``KeyPolicy``)."""
     _steps: dict[str, Step] = field(init=False, repr=False)
     _by_fn: dict[int, str] = field(init=False, repr=False)
     _frozen: bool = field(init=False, default=False, repr=False)
@@ -98,6 +104,7 @@ class Workflow:
         time_limit: float = 300.0,
         deadline: float | None = None,
         steps: Sequence[Step] = (),
+        key_policy: KeyPolicy | str = KeyPolicy.RETURN_EXISTING,
         **unknown: Never,
     ) -> None:
         """Declare a workflow; an unknown keyword option is a :class:`DefinitionError`."""
@@ -110,6 +117,7 @@ class Workflow:
         self.time_limit = time_limit
         self.deadline = deadline
         self.steps = steps
+        self.key_policy = key_policy
         self._frozen = False
         self.__post_init__()
 
@@ -121,6 +129,10 @@ class Workflow:
         if not isinstance(self.retry, RetryPolicy):
             raise DefinitionError(self.name, "retry must be a RetryPolicy")
         self._check_limit("time_limit", self.time_limit, None)
+        try:
+            self.key_policy = key_policy(self.key_policy)
+        except ValueError as exc:
+            raise DefinitionError(self.name, str(exc)) from None
         if self.deadline is not None:
             self._check_limit("deadline", self.deadline, None)
         self._steps = {}

@@ -72,6 +72,47 @@ class DefinitionMismatchError(SagaError):
     """A run was started with another definition of its workflow than the one registered here."""
 
 
+class KeyConflictError(SagaError, ValueError):
+    """Starting a run under a business key whose run has another input, where the workflow's
+    key policy is ``refuse_changed_input``; ``run_id`` is the key's existing run."""
+
+    def __init__(self, workflow: str, key: str, run_id: str) -> None:
+        self.workflow = workflow
+        self.key = key
+        self.run_id = run_id
+        super().__init__(
+            f"workflow {workflow!r}: key {key!r} names run {run_id} with another input "
+            "(its key policy refuses a changed input)"
+        )
+
+
+class RunFailedError(SagaError):
+    """A run a caller waited on ended without completing: ``state`` is its end state
+    (``compensated``, ``failed``, ``cancelled``, ``resolved`` or ``compensation_failed``) and
+    ``error`` its error (a JSON object, or ``None``). Waiting again does not change it."""
+
+    retryable = False
+
+    def __init__(self, run_id: str, state: str, error: object) -> None:
+        self.run_id = run_id
+        self.state = state
+        self.error = error
+        message = error.get("message") if isinstance(error, dict) else None
+        super().__init__(f"run {run_id} ended {state}" + (f": {message}" if message else ""))
+
+
+class WaitTimeoutError(SagaError, TimeoutError):
+    """A run a caller waited on had not ended within the timeout; ``state`` is the state it
+    was in. The run goes on: waiting again may see it end."""
+
+    retryable = True
+
+    def __init__(self, run_id: str, state: str, timeout: float) -> None:
+        self.run_id = run_id
+        self.state = state
+        super().__init__(f"run {run_id} is still {state} after {timeout:g}s")
+
+
 class StepError(Exception):
     """Raise from a step to fail the attempt; ``retryable`` says whether the policy may retry it."""
 

@@ -35,6 +35,10 @@ class Settings:
     broker round trip, no outbox row), for at most ``chain_steps`` steps or ``chain_seconds``
     seconds of one delivery (``chain_steps=0`` turns it off); then the next one goes out
     through the broker, so that one long run cannot hold a worker.
+
+    A caller waiting on a run (:meth:`~saga.handles.RunHandle.wait`) is woken by the database's
+    notification, and reads the run every ``wait_poll_interval`` seconds as well in case one
+    was lost.
     """
 
     schema: str = "saga"
@@ -46,6 +50,7 @@ class Settings:
     eager_dispatch: bool = True
     chain_steps: int = 25
     chain_seconds: float = 2.0
+    wait_poll_interval: float = 5.0
 
     def __post_init__(self) -> None:
         check_schema_name(self.schema)
@@ -54,7 +59,7 @@ class Settings:
                 raise ValueError(f"{name} must be >= 1")
         if self.chain_steps < 0 or self.chain_seconds < 0:
             raise ValueError("chain_steps and chain_seconds must be >= 0")
-        for name in ("lease_grace", "heartbeat_timeout", "republish_after"):
+        for name in ("lease_grace", "heartbeat_timeout", "republish_after", "wait_poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
 
@@ -62,7 +67,8 @@ class Settings:
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``SAGA_SCHEMA``, ``SAGA_MAX_INPUT_BYTES``, ``SAGA_LEASE_GRACE``,
         ``SAGA_HEARTBEAT_TIMEOUT``, ``SAGA_REPUBLISH_AFTER``, ``SAGA_EAGER_DISPATCH``,
-        ``SAGA_CHAIN_STEPS`` and ``SAGA_CHAIN_SECONDS``, with ``overrides`` on top."""
+        ``SAGA_CHAIN_STEPS``, ``SAGA_CHAIN_SECONDS`` and ``SAGA_WAIT_POLL_INTERVAL``, with
+        ``overrides`` on top."""
         env: dict[str, object] = {}
         for key, name, conv in (
             ("SAGA_SCHEMA", "schema", str),
@@ -73,6 +79,7 @@ class Settings:
             ("SAGA_EAGER_DISPATCH", "eager_dispatch", _flag),
             ("SAGA_CHAIN_STEPS", "chain_steps", int),
             ("SAGA_CHAIN_SECONDS", "chain_seconds", float),
+            ("SAGA_WAIT_POLL_INTERVAL", "wait_poll_interval", float),
         ):
             if key in os.environ:
                 env[name] = conv(os.environ[key])

@@ -1,23 +1,27 @@
 """The checkout API.
 
 ``POST /orders`` validates the cart, writes the order as ``pending`` and starts its
-``fulfill_order`` saga in the same transaction, then answers 202: the order and its saga exist
-together or not at all. ``GET /orders/{id}`` shows the order and where its saga stands.
+``fulfill_order`` saga in the same transaction (an ``AsyncSession``: the async start), then
+answers 202: the order and its saga exist together or not at all. ``GET /orders/{id}`` shows
+the order and where its saga stands; ``GET /orders/{id}/outcome`` waits for the saga to end.
 
 Run: ``uvicorn examples.harbor_checkout.api:app --port 8765``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, HTTPException
+from fastapi import FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from saga import RunFailedError, UnknownRunError, WaitTimeoutError
 
 from . import flow
 
@@ -62,23 +66,23 @@ def _unprocessable(problems: list[dict[str, Any]]) -> HTTPException:
 
 
 @app.post("/orders", status_code=202)
-def create_order(
+async def create_order(
     order: OrderIn,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> JSONResponse:
     """Check the cart against the catalog, write the order and start its saga in one
-    transaction. With an ``Idempotency-Key`` header, sending the same request again answers
-    with the order it created the first time (200) instead of creating another."""
+    transaction (SQLAlchemy's asyncio API: the event loop never waits on the database). With
+    an ``Idempotency-Key`` header, sending the same request again answers with the order it
+    created the first time (200) instead of creating another."""
     order_id = str(uuid.uuid5(_ORDER_NS, idempotency_key) if idempotency_key else uuid.uuid4())
     engine = flow.engine()
-    with Session(engine.engine) as session, session.begin():
+    async with AsyncSession(flow.async_db()) as session, session.begin():
         skus = [i.sku for i in order.items]
-        prices: dict[str, int] = dict(
-            session.execute(
-                text("SELECT sku, price_cents FROM inventory WHERE sku = ANY(:skus)"),
-                {"skus": skus},
-            ).all()
+        found = await session.execute(
+            text("SELECT sku, price_cents FROM inventory WHERE sku = ANY(:skus)"),
+            {"skus": skus},
         )
+        prices: dict[str, int] = dict(found.tuples().all())
         unknown = [
             {
                 "loc": ["body", "items", n, "sku"],
@@ -100,13 +104,15 @@ def create_order(
             "email": order.email,
             "country": order.country,
         }
-        started = engine.start(session, flow.fulfill_order, saga_input, key=saga_key(order_id))
+        started = await engine.start_async(
+            session, flow.fulfill_order, saga_input, key=saga_key(order_id)
+        )
         if not started.created:
             return JSONResponse(
                 {"order_id": order_id, "run_id": started.run_id, "replayed": True},
                 status_code=200,
             )
-        session.execute(
+        await session.execute(
             text(
                 "INSERT INTO orders (id, email, country, items, amount_cents, run_id) "
                 "VALUES (:id, :email, :country, CAST(:items AS jsonb), :amount, :run)"
@@ -126,10 +132,30 @@ def create_order(
             "run_id": started.run_id,
             "status": "pending",
             "amount_cents": amount,
-            "links": {"self": f"/orders/{order_id}"},
+            "links": {"self": f"/orders/{order_id}", "outcome": f"/orders/{order_id}/outcome"},
         },
         status_code=202,
     )
+
+
+@app.get("/orders/{order_id}/outcome")
+async def order_outcome(
+    order_id: uuid.UUID, wait: Annotated[float, Query(ge=0, le=60)] = 10.0
+) -> JSONResponse:
+    """Wait up to ``wait`` seconds for the order's saga to end (a run handle, woken when the
+    run ends): 200 with its result, or with its end state and error; 202 if it is still on
+    its way."""
+    engine = flow.engine()
+    try:
+        handle = await asyncio.to_thread(engine.handle, saga_key(str(order_id)))
+        result = await handle.wait_async(timeout=wait)
+    except UnknownRunError:
+        raise HTTPException(status_code=404, detail=f"no order {order_id}") from None
+    except RunFailedError as exc:
+        return JSONResponse({"order_id": str(order_id), "state": exc.state, "error": exc.error})
+    except WaitTimeoutError as exc:
+        return JSONResponse({"order_id": str(order_id), "state": exc.state}, status_code=202)
+    return JSONResponse({"order_id": str(order_id), "state": "completed", "result": result})
 
 
 @app.get("/orders/{order_id}")

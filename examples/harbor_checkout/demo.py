@@ -627,6 +627,10 @@ def show_examples(run: Run) -> None:
                 f"  GET /orders/{s.order_id}  [{s.why}] order {doc['order']['status']}, "
                 f"saga {doc['saga']['state']}: {steps}"
             )
+            # The API waits on the run's handle (woken when the run ends) for its outcome.
+            outcome = client.get(f"/orders/{s.order_id}/outcome", params={"wait": 5}).json()
+            what = outcome.get("result") or (outcome.get("error") or {}).get("message")
+            say(f"      outcome (run handle): {outcome['state']}: {json.dumps(what)[:120]}")
 
 
 def report(run: Run, summary: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import functools
 import logging
 import random
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from sqlalchemy import Engine, create_engine, text
@@ -32,6 +32,9 @@ from saga import PermanentError, RetryableError, RetryPolicy, StepContext, Workf
 from saga.app import normalize_url
 
 from .config import Config
+
+if TYPE_CHECKING:  # the API's asyncio engine needs greenlet; the workers never import it
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 log = logging.getLogger("harbor.flow")
 
@@ -61,6 +64,15 @@ def engine() -> saga.Saga:
 def db() -> Engine:
     """The SQLAlchemy engine of :func:`engine`."""
     return engine().engine
+
+
+@functools.cache
+def async_db() -> AsyncEngine:
+    """The API's asyncio engine on the same database (psycopg's async driver)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = normalize_url(Config.from_env().database_url)
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
 
 @functools.cache

@@ -17,6 +17,7 @@ from celery import Celery
 from sqlalchemy import text
 
 import saga
+from saga.celery_adapter import WORKER_SETTINGS
 
 from . import flow
 from .config import Config
@@ -26,7 +27,11 @@ config = Config.from_env()
 
 app = Celery("harbor", broker=config.broker_url)
 saga.install(app, flow.engine())
+# install() leaves the app's settings alone; these workers serve saga's queues (and harbor's
+# own tasks), so they take the worker settings saga wants.
 app.conf.update(
+    WORKER_SETTINGS,
+    broker_connection_retry_on_startup=True,
     task_default_queue="harbor",
     task_routes={"harbor.reconcile": {"queue": "harbor"}},
     beat_schedule={

@@ -1,4 +1,4 @@
-"""Commands that change things: operator actions on runs (``retry``, ``cancel``,
+"""Commands that change things: operator actions on runs (``retry``, ``rerun``, ``cancel``,
 ``resolve``), migrations (``saga db``) and the relay."""
 
 from __future__ import annotations
@@ -94,6 +94,28 @@ def resolve(ctx: click.Context, run: str, reason: str, yes: bool, as_json: bool)
     saga, row = _engine_run(config_of(ctx), run)
     confirm(f"Mark run {row['id']} ({row['workflow']}, {row['state']}) resolved?", yes)
     _done(ctx, "resolve", row, saga.resolve(str(row["id"]), reason), as_json)
+
+
+@click.command()
+@click.argument("run")
+@yes_option
+@json_option
+@app_option
+@db_options
+@click.pass_context
+def rerun(ctx: click.Context, run: str, yes: bool, as_json: bool) -> None:
+    """Start a finished run again as a new run of its workflow (newest version), with its
+    input and business key; the key then names the new run ('saga list --key' shows both)."""
+    saga, row = _engine_run(config_of(ctx), run)
+    confirm(f"Start run {row['id']} ({row['workflow']}, {row['state']}) again as a new run?", yes)
+    started = saga.rerun(str(row["id"]))
+    out = output_of(ctx)
+    if as_json:
+        out.json({"run_id": started.run_id, "action": "rerun", "rerun_of": row["id"],
+                  "workflow": row["workflow"], "key": row["business_key"]})
+    else:
+        out.line(f"run {row['id']} ({row['workflow']}, {row['state']}): "
+                 f"started again as run {started.run_id}")
 
 
 @click.group()
@@ -230,5 +252,5 @@ def relay(
     )
 
 
-COMMANDS = (retry, cancel, resolve, db, relay)
+COMMANDS = (retry, rerun, cancel, resolve, db, relay)
 """The commands this module adds to ``saga``."""

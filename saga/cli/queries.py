@@ -180,7 +180,7 @@ def list_runs(conn: Connection, tables: Tables, f: ListFilter) -> list[Row]:
             where.append("state = ANY(CAST(:states AS text[]))")
             params["states"] = list(f.states)
         if f.key is not None and f.workflow is None:
-            # Use uq_runs_workflow_business_key, one probe per workflow.
+            # Use ix_runs_workflow_business_key_created_at, one probe per workflow.
             where.append("workflow = ANY(CAST(:workflows AS text[]))")
             params["workflows"] = workflows(conn, tables)
         clause = ("WHERE " + " AND ".join(where)) if where else ""

@@ -30,6 +30,7 @@ from saga.db.states import (
     PROCESS_KINDS,
     RUN_ACTIVE,
     RUN_STATES,
+    RUN_UNFINISHED,
     STEP_KINDS,
     STEP_STATES,
     check_in,
@@ -65,11 +66,22 @@ class Run(Base):
     __table_args__ = (
         CheckConstraint(check_in("state", RUN_STATES), name="state"),
         CheckConstraint("steps_remaining >= 0 AND compensations_remaining >= 0", name="counters"),
+        # One unfinished run per key; finished ones stay, so a key may name several runs
+        # (the newest is the key's run).
         Index(
-            "uq_runs_workflow_business_key",
+            "uq_runs_workflow_business_key_unfinished",
             "workflow",
             "business_key",
             unique=True,
+            postgresql_where=text(
+                f"business_key IS NOT NULL AND {check_in('state', RUN_UNFINISHED)}"
+            ),
+        ),
+        Index(
+            "ix_runs_workflow_business_key_created_at",
+            "workflow",
+            "business_key",
+            "created_at",
             postgresql_where=text("business_key IS NOT NULL"),
         ),
         Index(

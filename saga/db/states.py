@@ -7,8 +7,16 @@ from saga.core.states import KINDS as STEP_KINDS
 from saga.core.states import RUN_STATES, STEP_STATES
 
 __all__ = [
-    "HISTORY_EVENTS", "PROCESS_KINDS", "RUN_ACTIVE", "RUN_FINISHED", "RUN_STATES", "STEP_KINDS",
-    "STEP_STATES", "check_in",
+    "HISTORY_EVENTS",
+    "PROCESS_KINDS",
+    "RUN_ACTIVE",
+    "RUN_ENDED",
+    "RUN_FINISHED",
+    "RUN_STATES",
+    "RUN_UNFINISHED",
+    "STEP_KINDS",
+    "STEP_STATES",
+    "check_in",
 ]
 
 RUN_ACTIVE = ("running", "compensating", "cancelling")
@@ -19,6 +27,14 @@ RUN_FINISHED = ("completed", "compensated", "failed", "cancelled", "resolved")
 
 PROCESS_KINDS = ("worker", "relay")
 """What registers in ``processes``."""
+
+RUN_UNFINISHED = (*RUN_ACTIVE, "compensation_failed")
+"""Run states a business key can have one run in at most (``compensation_failed`` waits for an
+operator, who may retry it): a new run of the key starts only once its run left them."""
+
+RUN_ENDED = ("completed", "compensated", "failed", "cancelled", "resolved", "compensation_failed")
+"""Run states a caller waiting on a run stops at (``compensation_failed`` included: it waits for
+an operator, not for the engine). The runs table notifies when a run reaches one."""
 
 HISTORY_EVENTS = (
     "run_started",

@@ -59,6 +59,12 @@ class Tables:
         """The LISTEN/NOTIFY channel the outbox trigger notifies."""
         return f"{self.schema}_outbox"
 
+    @property
+    def runs_channel(self) -> str:
+        """The LISTEN/NOTIFY channel the runs table notifies (with the run's id) when a run
+        ends."""
+        return f"{self.schema}_runs"
+
     def sql(self, template: str) -> TextClause:
         """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}``,
         ``{processes}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in."""

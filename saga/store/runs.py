@@ -19,10 +19,14 @@ _PREFIX = re.compile(r"[0-9a-fA-F-]+")
 
 _LOCK = "SELECT * FROM {runs} WHERE id = :run_id FOR UPDATE"
 _BY_ID = "SELECT * FROM {runs} WHERE id = :ref"
+# A key may name several runs of a workflow (finished ones, and the newest): the newest is the
+# key's run. Several workflows' runs under one key make it ambiguous.
 _BY_KEY = """
-SELECT * FROM {runs}
-WHERE business_key = :ref AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
-ORDER BY created_at DESC LIMIT 2
+SELECT * FROM (
+    SELECT DISTINCT ON (workflow) * FROM {runs}
+    WHERE business_key = :ref AND (CAST(:workflow AS text) IS NULL OR workflow = :workflow)
+    ORDER BY workflow, created_at DESC
+) newest ORDER BY created_at DESC LIMIT 2
 """
 # A prefix is a range of the primary key: uuids sort by their bytes, as their hex digits do.
 _BY_PREFIX = "SELECT * FROM {runs} WHERE id BETWEEN :low AND :high ORDER BY id LIMIT 2"
@@ -69,7 +73,8 @@ class RunStore:
         return dict(row) if row else None
 
     def find(self, conn: Connection, ref: str, workflow: str | None = None) -> list[Row]:
-        """Runs whose id or business key is ``ref`` (at most two: more means ambiguous)."""
+        """The run whose id is ``ref``, or the newest run of each workflow whose business key
+        is ``ref`` (at most two: more than one means the key is ambiguous)."""
         with contextlib.suppress(ValueError):
             rows = conn.execute(self._by_id, {"ref": str(uuid.UUID(ref))}).mappings().all()
             if rows:

@@ -123,6 +123,22 @@ class System:
         )
         return pid
 
+    def broker_outage(self, redis_server: RedisServer, workers: Sequence[str]) -> None:
+        """Kill the private Redis broker until one of ``workers`` notices (a worker may even
+        exit over it; the supervisor restarts it), then start it again, empty: whatever was
+        queued or unacknowledged is gone."""
+        seen = {name: len(self.supervisor.log(name)) for name in workers}
+        with redis_server.outage():
+            wait_until(
+                lambda: any(
+                    "Connection to broker lost" in self.supervisor.log(name)[seen[name] :]
+                    or self.supervisor.restarts(name) > 0
+                    for name in workers
+                ),
+                timeout=30,
+                message="no worker noticed the broker outage",
+            )
+
     # -- runs --------------------------------------------------------------------------------
 
     def start_runs(self, workflow: str, input: Any, count: int = 1) -> list[str]:

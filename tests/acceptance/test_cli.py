@@ -369,6 +369,29 @@ def test_an_action_the_state_forbids_exits_4(invoke: Any, runs: dict[str, str]) 
     assert "completed" in error_line(result)
 
 
+def test_rerun_starts_a_finished_run_again_under_its_key_and_list_shows_both(
+    invoke: Any, runs: dict[str, str]
+) -> None:
+    app = ["--app", f"{MODULE}:REGISTRY", "--yes"]
+    rerun = invoke("rerun", "k-compensated", *app, "--json")
+    assert rerun.exit_code == 0, rerun.output
+    doc = json.loads(rerun.stdout)
+    assert doc["rerun_of"] == runs["compensated"] and doc["key"] == "k-compensated"
+    new = doc["run_id"]
+
+    status = json.loads(invoke("status", "k-compensated", "--json").stdout)
+    assert (status["run"]["id"], status["run"]["state"]) == (new, "running")
+    listed = json.loads(invoke("list", "--key", "k-compensated", "--json").stdout)["runs"]
+    assert [(r["id"], r["state"]) for r in listed] == [
+        (new, "running"), (runs["compensated"], "compensated"),
+    ]
+    # The superseded run and an unfinished one cannot run again.
+    for ref in (runs["compensated"], "k-compensated", "k-running"):
+        refused = invoke("rerun", ref, *app)
+        assert refused.exit_code == ExitCode.INVALID_STATE, ref
+    assert "names a newer run" in error_line(invoke("rerun", runs["compensated"], *app))
+
+
 def test_actions_refuse_without_a_terminal_or_yes(invoke: Any, runs: dict[str, str]) -> None:
     result = invoke("retry", "k-failed", "--app", f"{MODULE}:REGISTRY")
     assert result.exit_code == ExitCode.USAGE

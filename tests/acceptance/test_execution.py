@@ -111,19 +111,7 @@ def test_fan_out_runs_all_complete_through_a_redis_restart_that_loses_every_mess
         timeout=60,
         message="the runs did not get going",
     )
-    seen = {name: len(system.supervisor.log(name)) for name in workers}
-    with redis_server.outage():
-        # Down long enough for the workers to notice (a worker may even exit over it; the
-        # supervisor restarts it).
-        wait_until(
-            lambda: any(
-                "Connection to broker lost" in system.supervisor.log(name)[seen[name] :]
-                or system.supervisor.restarts(name) > 0
-                for name in workers
-            ),
-            timeout=30,
-            message="no worker noticed the broker outage",
-        )
+    system.broker_outage(redis_server, workers)
     # Redis is back, empty: whatever was queued or unacknowledged is gone. The sweeper
     # republishes what never started and expires the leases of what was cut off.
     assert system.execution_count() < total, "the outage came too late to matter"

@@ -16,6 +16,7 @@ from sqlalchemy import text
 
 import saga
 from saga import CeleryTaskStep, PermanentError, RetryPolicy, StepContext, Workflow
+from saga.celery_adapter import WORKER_SETTINGS
 
 registry = saga.Registry()
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.1)
@@ -128,6 +129,8 @@ engine = saga.Saga(
 )
 app = Celery("saga-tests", broker=os.environ.get("SAGA_BROKER_URL", "redis://127.0.0.1:6379/5"))
 saga.install(app, engine)
+# What saga wants of a worker serving its queues (install() leaves the app's settings alone).
+app.conf.update(WORKER_SETTINGS, broker_connection_retry_on_startup=True)
 DEAD_LETTER_EXCHANGE = os.environ.get("SAGA_TEST_DEAD_LETTER_EXCHANGE")
 if DEAD_LETTER_EXCHANGE:
     # The queue as a RabbitMQ deployment would have it: rejected messages go to a dead-letter

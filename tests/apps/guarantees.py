@@ -28,6 +28,7 @@ from sqlalchemy import text
 
 import saga
 from saga import PermanentError, RetryPolicy, StepContext, Workflow
+from saga.celery_adapter import WORKER_SETTINGS
 
 EXECUTIONS_DDL = (
     "CREATE TABLE executions (id bigserial primary key, run_id uuid, kind text, step text, "
@@ -206,3 +207,5 @@ app = Celery(
     "saga-guarantees", broker=os.environ.get("SAGA_BROKER_URL", "redis://127.0.0.1:6379/5")
 )
 saga.install(app, engine)
+# What saga wants of a worker serving its queues (install() leaves the app's settings alone).
+app.conf.update(WORKER_SETTINGS, broker_connection_retry_on_startup=True)

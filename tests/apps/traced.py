@@ -26,6 +26,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 
 import saga
 from saga import PermanentError, RetryPolicy, StepContext, Workflow
+from saga.celery_adapter import WORKER_SETTINGS
 
 SPAN_FILE_ENV = "SAGA_TEST_SPAN_FILE"
 QUEUE = os.environ.get("SAGA_TEST_QUEUE", "saga")
@@ -136,3 +137,5 @@ engine = saga.Saga(
 )
 app = Celery("saga-traced", broker=os.environ.get("SAGA_BROKER_URL", "redis://127.0.0.1:6379/5"))
 saga.install(app, engine)
+# What saga wants of a worker serving its queues (install() leaves the app's settings alone).
+app.conf.update(WORKER_SETTINGS, broker_connection_retry_on_startup=True)

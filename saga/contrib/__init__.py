@@ -1,0 +1,1 @@
+"""Integrations of saga with frameworks (each an optional extra)."""

@@ -1,0 +1,1 @@
+"""The shop's orders and their checkout workflow."""
