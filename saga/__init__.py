@@ -30,7 +30,7 @@ from saga.registry import Registry
 from saga.retry import RetryPolicy
 from saga.settings import Settings
 from saga.starting import Started
-from saga.steps import CeleryTaskStep, FunctionStep
+from saga.steps import CeleryTaskStep, FunctionStep, TransactionalStep, transactional
 
 
 def install(celery_app: object, engine: Saga) -> object:
@@ -64,10 +64,12 @@ __all__ = [
     "Step",
     "StepContext",
     "StepError",
+    "TransactionalStep",
     "UnknownRunError",
     "UnknownWorkflowError",
     "WaitTimeoutError",
     "Workflow",
     "from_canvas",
     "install",
+    "transactional",
 ]

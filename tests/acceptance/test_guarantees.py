@@ -308,3 +308,24 @@ def test_a_worker_killed_in_a_step_it_chained_in_process_has_that_step_run_again
     )
     history = [h["event"] for h in gsys.run(run_id)["history"]]
     assert "lease_expired" in history
+
+
+@pytest.mark.parametrize("moment", ["before_commit", "after_commit"])
+def test_a_transactional_step_killed_around_its_commit_writes_exactly_once(
+    gsys: System, moment: str
+) -> None:
+    with gsys.engine.engine.begin() as conn:
+        conn.execute(text("CREATE TABLE ledger (run_id uuid, attempt int)"))
+    # Each first attempt's worker process kills itself just before, or just after, the commit.
+    gsys.start_worker("worker", env={"SAGA_FAULTS": f"transactional.kill:{moment}:attempt1"})
+    gsys.start_relay()
+    run_ids = gsys.start_runs("g.ledger", {}, 3)
+
+    states = gsys.wait_finished(run_ids, timeout=90)
+    assert Counter(states.values()) == Counter(completed=3)
+    with gsys.engine.engine.connect() as conn:
+        rows = conn.execute(text("SELECT run_id::text, attempt FROM ledger")).all()
+    assert sorted(r[0] for r in rows) == sorted(run_ids), "one row per run, exactly"
+    # Before the commit the attempt left nothing and ran again; after it, it was done.
+    assert {r[1] for r in rows} == ({2} if moment == "before_commit" else {1})
+    assert gsys.supervisor.log("worker").count(f"fault point transactional.kill:{moment}") >= 3

@@ -179,6 +179,26 @@ def _mixed(queue: str) -> Workflow:
     return wf
 
 
+@saga.transactional
+def book(ctx: StepContext) -> Any:
+    """A transactional step: its row in ``ledger`` commits with its completion."""
+    assert ctx.connection is not None
+    ctx.connection.execute(
+        text("INSERT INTO ledger (run_id, attempt) VALUES (:r, :a)"),
+        {"r": ctx.run_id, "a": ctx.attempt},
+    )
+    return {"booked": ctx.attempt}
+
+
+def _ledger(queue: str) -> Workflow:
+    """pay → book (transactional) → notify."""
+    wf = Workflow("g.ledger", retry=QUICK, time_limit=30, queue=queue)
+    wf.add_step("pay", act)
+    wf.add_step("book", book, after=["pay"])
+    wf.add_step("notify", act, after=["book"])
+    return wf
+
+
 def workflows(queue: str, versions: str = "1,2") -> list[Workflow]:
     """Every workflow of this app on ``queue``, with ``g.deploy`` in the given versions."""
     found = [
@@ -188,6 +208,7 @@ def workflows(queue: str, versions: str = "1,2") -> list[Workflow]:
         _hold(queue),
         _policy(queue),
         _mixed(queue),
+        _ledger(queue),
     ]
     found += [_deploy(int(v), queue) for v in versions.split(",")]
     return found

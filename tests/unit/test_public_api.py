@@ -28,12 +28,14 @@ PUBLIC = {
     "Step",
     "StepContext",
     "StepError",
+    "TransactionalStep",
     "UnknownRunError",
     "UnknownWorkflowError",
     "WaitTimeoutError",
     "Workflow",
     "from_canvas",
     "install",
+    "transactional",
 }
 
 
