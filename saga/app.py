@@ -110,13 +110,17 @@ class Saga:
         for the run's outcome once the transaction has committed."""
         wf = self._workflow(workflow, version)
         trace = telemetry.capture_context()
-        prompt = self.dispatcher is not None and isinstance(target, Session)
+        # Prompt start where the target can say when its transaction commits: a Session, or a
+        # connection with an ``on_commit`` hook (Django's).
+        prompt = self.dispatcher is not None and (
+            isinstance(target, Session) or callable(getattr(target, "on_commit", None))
+        )
         started = self._starter.start(
             target, wf, input, key=key, key_policy=key_policy, trace_context=trace,
             published=prompt,
         )
         if prompt and started.created:
-            assert self.dispatcher is not None and isinstance(target, Session)
+            assert self.dispatcher is not None
             self.dispatcher.after_commit(target, wf, started.run_id, trace)
         return replace(started, _watcher=self.watcher)
 

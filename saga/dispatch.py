@@ -79,12 +79,15 @@ class Dispatcher:
                 lambda conn: self._saga.lifecycle.outbox.unpublish(conn, run_id, kind, unsent)
             )
 
-    def after_commit(
-        self, session: Session, wf: Workflow, run_id: str, trace_context: Any
-    ) -> None:
-        """Publish a run's first steps once ``session``'s transaction commits (nothing if it
-        rolls back: the run was never written)."""
+    def after_commit(self, target: Any, wf: Workflow, run_id: str, trace_context: Any) -> None:
+        """Publish a run's first steps once the transaction of ``target`` commits (nothing if
+        it rolls back: the run was never written). ``target`` is a Session, or anything with
+        an ``on_commit(callback)`` hook (Django's connection)."""
         queued = [{**wf.route(step), "attempt": 1} for step in wf.roots]
+        if not isinstance(target, Session):
+            target.on_commit(lambda: self.publish(wf, run_id, "step", queued, trace_context))
+            return
+        session = target
 
         def committed(_: Session) -> None:
             event.remove(session, "after_rollback", rolled_back)

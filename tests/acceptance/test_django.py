@@ -158,3 +158,36 @@ def test_the_relay_command_and_a_project_worker_run_the_checkout(
     order.refresh_from_db()
     assert order.status == "paid"
     assert "saga: this worker serves saga queues" not in supervisor.log("worker")
+
+
+class Recording:
+    """A publisher that keeps what it was asked to publish."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def publish(self, envelope: Any) -> None:
+        self.sent.append(envelope.message.as_body())
+
+
+def test_a_run_started_in_djangos_transaction_goes_out_when_it_commits(shop_db: str) -> None:
+    from django.db import transaction
+    from shop.models import Order
+
+    from saga.contrib import django as saga_django
+
+    engine = saga_django.engine()
+    recording = Recording()
+    engine.use_publisher(lambda: recording)
+    try:
+        with transaction.atomic():
+            order = Order.objects.create(email="dee@example.com")
+            started = saga_django.start("shop.checkout", {"order_id": order.id})
+            assert recording.sent == [], "nothing goes out before the commit"
+        assert [(m["run_id"], m["attempt"]) for m in recording.sent] == [(started.run_id, 1)]
+        with pytest.raises(ViewFailedError), transaction.atomic():
+            saga_django.start("shop.checkout", {"order_id": -1})
+            raise ViewFailedError
+        assert len(recording.sent) == 1, "a rolled-back start publishes nothing"
+    finally:
+        engine.dispatcher = None

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +164,13 @@ class DjangoConnection:
             if cursor.description is None:
                 return _Rows([], [])
             return _Rows([c[0] for c in cursor.description], cursor.fetchall())
+
+    def on_commit(self, callback: Callable[[], object]) -> None:
+        """Run ``callback`` once Django's current transaction commits (at once in
+        autocommit): how a run started here has its first steps published promptly."""
+        from django.db import transaction
+
+        transaction.on_commit(callback, using=self.using)
 
 
 def connection(using: str | None = None) -> DjangoConnection:
