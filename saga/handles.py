@@ -1,7 +1,9 @@
 """Waiting for a run's outcome from code: a handle per run, woken by ``LISTEN/NOTIFY``.
 
-The runs table notifies ``<schema>_runs`` with the run's id when a run reaches an end state
-(or ``compensation_failed``). One :class:`RunWatcher` per engine keeps a single listening
+A waiter registers its run in ``run_waiters``; the runs table then notifies ``<schema>_runs``
+with the run's id when that run reaches an end state (or ``compensation_failed``). Runs nobody
+waits on notify nothing: a notification costs every listening connection of the database a
+transaction. One :class:`RunWatcher` per engine keeps a single listening
 connection of its own, in a thread that runs only while someone waits, and wakes each waiter
 whose run was named; a waiter re-reads its run then, and also every ``poll_interval`` seconds
 in case a notification was lost (the listening connection dropped, or cannot LISTEN at all).
@@ -13,12 +15,13 @@ import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from saga.context import JSON
 from saga.db.states import RUN_ENDED
@@ -28,6 +31,10 @@ from saga.store.base import Tables
 LISTEN_START = 2.0
 """Seconds a first waiter gives the listening connection to start before relying on polls."""
 _READ = "SELECT state, result, error FROM {runs} WHERE id = CAST(:id AS uuid)"
+_REGISTER = 'INSERT INTO "{schema}".run_waiters (id, run_id) VALUES (:waiter, CAST(:id AS uuid))'
+_UNREGISTER = 'DELETE FROM "{schema}".run_waiters WHERE id = :waiter'
+_FORGET_STALE = 'DELETE FROM "{schema}".run_waiters WHERE since < now() - interval \'1 day\''
+
 
 
 class _ThreadWaiter:
@@ -94,6 +101,8 @@ class RunWatcher:
     ) -> None:
         self._engine = engine
         self._read = tables.sql(_READ)
+        self._register = text(_REGISTER.format(schema=tables.schema))
+        self._unregister = text(_UNREGISTER.format(schema=tables.schema))
         self._connect = listen
         self._channel = tables.runs_channel
         self.poll_interval = poll_interval
@@ -147,6 +156,19 @@ class RunWatcher:
 
     @contextlib.contextmanager
     def _waiting(self, run_id: str, waiter: _Waiter) -> Iterator[_Waiter]:
+        # Registered before the first read of the run: a run that ends after it notifies.
+        registration = {"waiter": uuid.uuid4(), "id": run_id}
+        with self._engine.begin() as conn:
+            conn.execute(self._register, registration)
+        try:
+            with self._waiting_here(run_id, waiter):
+                yield waiter
+        finally:
+            with contextlib.suppress(Exception), self._engine.begin() as conn:
+                conn.execute(self._unregister, registration)
+
+    @contextlib.contextmanager
+    def _waiting_here(self, run_id: str, waiter: _Waiter) -> Iterator[_Waiter]:
         with self._lock:
             self._waiters.setdefault(run_id, set()).add(waiter)
             if self._thread is None or not self._thread.is_alive():
@@ -233,3 +255,9 @@ class RunHandle:
         if self._watcher is None:
             raise SagaError(f"the handle of run {self.run_id} has no engine: use saga.handle()")
         return self._watcher
+
+
+def forget_stale_waiters_in_tx(conn: Any, tables: Tables) -> int:
+    """Remove waiters registered over a day ago (their process died while waiting)."""
+    found = conn.execute(text(_FORGET_STALE.format(schema=tables.schema)))
+    return int(found.rowcount or 0)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import DBAPIError
 
 from saga import logs
+from saga.handles import forget_stale_waiters_in_tx
 from saga.presence import Presence
 from saga.retention import Retention
 from saga.store import counts
@@ -27,6 +28,8 @@ FOLD_INTERVAL = 5.0
 """Seconds between folds of ``run_count_deltas`` into ``run_counts``."""
 RETENTION_INTERVAL = 60.0
 """Seconds between retention batches while nothing is left to prune."""
+WAITERS_INTERVAL = 600.0
+"""Seconds between removals of waiters whose process died while waiting."""
 RETENTION_BUSY_INTERVAL = 0.5
 """Seconds between retention batches while a backlog remains (a batch came back full)."""
 
@@ -67,6 +70,10 @@ class Housekeeping:
                 self._due["fold"] = now + FOLD_INTERVAL
                 with self.saga.engine.begin() as conn:
                     counts.fold_in_tx(conn, self.saga.tables)
+            if self._is_due("waiters", now):
+                self._due["waiters"] = now + WAITERS_INTERVAL
+                with self.saga.engine.begin() as conn:
+                    forget_stale_waiters_in_tx(conn, self.saga.tables)
             if self.retention is not None and self._is_due("retention", now):
                 full = self.retention.step() >= self.retention.batch_size
                 pause = RETENTION_BUSY_INTERVAL if full else RETENTION_INTERVAL

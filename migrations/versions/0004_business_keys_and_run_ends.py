@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql as pg
 
 revision = "0004"
 down_revision = "0003"
@@ -35,14 +36,28 @@ def upgrade() -> None:
         unique=True, postgresql_where=sa.text(f"business_key IS NOT NULL AND {UNFINISHED}"),
         schema=schema,
     )
-    # Callers waiting on a run (RunHandle.wait) LISTEN on "<schema>_runs"; the payload is the
-    # run's id. One notification per run that ends, in the transaction that ends it.
+    # Callers waiting on a run (RunHandle.wait) register in run_waiters and LISTEN on
+    # "<schema>_runs"; the payload is the run's id. A run that ends notifies, in the transaction
+    # that ends it, only if someone waits on it: every notification costs each listening
+    # backend of the database (the relay's, too) a transaction to read it.
+    op.create_table(
+        "run_waiters",
+        sa.Column("id", pg.UUID(as_uuid=True), nullable=False),
+        sa.Column("run_id", pg.UUID(as_uuid=True), nullable=False),
+        sa.Column("since", sa.DateTime(timezone=True), server_default=sa.func.now(),
+                  nullable=False),
+        sa.PrimaryKeyConstraint("id", name="pk_run_waiters"),
+        schema=schema,
+    )
+    op.create_index("ix_run_waiters_run_id", "run_waiters", ["run_id"], schema=schema)
     op.execute(
         f"""
         CREATE FUNCTION "{schema}".notify_run_ended() RETURNS trigger
         LANGUAGE plpgsql AS $$
         BEGIN
-            PERFORM pg_notify('{schema}_runs', NEW.id::text);
+            IF EXISTS (SELECT 1 FROM "{schema}".run_waiters WHERE run_id = NEW.id) THEN
+                PERFORM pg_notify('{schema}_runs', NEW.id::text);
+            END IF;
             RETURN NULL;
         END $$;
         CREATE TRIGGER runs_notify_ended AFTER UPDATE OF state ON "{schema}".runs
@@ -56,6 +71,7 @@ def downgrade() -> None:
     schema = op.get_context().version_table_schema
     op.execute(f'DROP TRIGGER IF EXISTS runs_notify_ended ON "{schema}".runs')
     op.execute(f'DROP FUNCTION IF EXISTS "{schema}".notify_run_ended()')
+    op.drop_table("run_waiters", schema=schema)
     op.drop_index("uq_runs_workflow_business_key_unfinished", table_name="runs", schema=schema)
     # Fails while a key names several runs of one workflow: delete (or re-key) the older ones
     # first, since the old schema allowed one run per key.

@@ -259,3 +259,17 @@ class RunCountDelta(Base):
     workflow: Mapped[str] = mapped_column(String(100))
     state: Mapped[str] = mapped_column(String(32))
     delta: Mapped[int] = mapped_column(BigInteger)
+
+
+class RunWaiter(Base):
+    """A caller waiting on a run's outcome (:class:`saga.handles.RunWatcher`): the run notifies
+    when it ends only while someone waits on it."""
+
+    __tablename__ = "run_waiters"
+    __table_args__ = (Index("ix_run_waiters_run_id", "run_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    run_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True))
+    since: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, server_default=func.now()
+    )

@@ -190,13 +190,22 @@ def test_waiting_on_a_run_whose_start_is_not_committed_says_so(saga_engine: Saga
         RunHandle(started.run_id).wait()
 
 
-def test_the_runs_table_notifies_once_when_a_run_ends(saga_engine: Saga, db_url: str) -> None:
+def test_a_run_someone_waits_on_notifies_once_when_it_ends_and_others_not_at_all(
+    saga_engine: Saga, db_url: str
+) -> None:
     conninfo = db_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(conninfo, autocommit=True) as listener:
         listener.execute('LISTEN "saga_runs"')
-        started = saga_engine.start_now("h.checkout", {"order": 7})
+        awaited = saga_engine.start_now("h.checkout", {"order": 7})
+        ignored = saga_engine.start_now("h.checkout", {"order": 8})
+        listener.execute(
+            "INSERT INTO saga.run_waiters (id, run_id) VALUES (gen_random_uuid(), %s)",
+            (awaited.run_id,),
+        )
         drain(saga_engine)
         with saga_engine.engine.begin() as conn:  # no change of state: no notification
             conn.execute(text("UPDATE saga.runs SET updated_at = now()"))
         notes = [n.payload for n in listener.notifies(timeout=1.0)]
-    assert notes == [started.run_id]
+    # A notification costs every listening connection a transaction: only waited-on runs.
+    assert notes == [awaited.run_id]
+    assert ignored.run_id not in notes

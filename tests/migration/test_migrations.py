@@ -14,7 +14,8 @@ from saga.db import migrate
 from saga.db.models import Base
 
 SAGA_TABLES = {
-    "runs", "step_runs", "outbox", "history", "processes", "run_counts", "run_count_deltas"
+    "runs", "step_runs", "outbox", "history", "processes", "run_counts", "run_count_deltas",
+    "run_waiters",
 }
 
 
