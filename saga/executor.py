@@ -90,7 +90,7 @@ class Executor:
         in-process (see :class:`~saga.settings.Settings`); without it, none is."""
         self.saga = saga
         self._queues = queues if saga.settings.chain_steps > 0 else None
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
+        self._worker_id = worker_id
         self.heartbeat = Heartbeat(saga)
         self._watchdog = Watchdog()
         self._dispatcher = (
@@ -413,6 +413,12 @@ class Executor:
 
     def _token(self) -> str:
         return f"{self.worker_id}:{uuid.uuid4().hex[:12]}"
+
+    @property
+    def worker_id(self) -> str:
+        """``host:pid`` of the process running attempts (read when used: a prefork pool
+        creates the executor before it forks its children)."""
+        return self._worker_id or f"{socket.gethostname()}:{os.getpid()}"
 
     def _fail(self, wf: Workflow, claim: Claim, exc: BaseException, retryable: bool) -> str:
         telemetry.record_exception(exc)
