@@ -53,6 +53,8 @@ class _Plan:
     routes: list[dict[str, Any]]
     chain: list[str]
     chain_token: str
+    follow: str | None = None
+    """A step that runs after this one alone, claimed by the completing statement itself."""
 
 
 @dataclass
@@ -318,7 +320,14 @@ class Executor:
         else:
             release = tuple(sorted(graph.ancestors(after, ref.step)))
         chain = self._chainable(wf, ref, release, delivery)
-        return _Plan(release, [wf.route(s) for s in release], chain, self._token())
+        # A successor whose only dependency is this step needs no other result: the completing
+        # statement claims it itself (one statement, no transaction); a join is claimed by a
+        # second statement of the completion's transaction, which sees its other inputs.
+        follow = next((s for s in chain if wf[s].after == (ref.step,)), None)
+        routes = [wf.route(s) for s in release]
+        if follow is not None:
+            return _Plan(release, routes, [], self._token(), follow)
+        return _Plan(release, routes, chain, self._token())
 
     def _record(
         self, conn: Any, wf: Workflow, claim: Claim, token: str, plan: _Plan, result_json: str
@@ -337,7 +346,11 @@ class Executor:
             republish_after=self.saga.settings.republish_after,
             chain=plan.chain,
             chain_token=plan.chain_token,
+            follow=plan.follow,
+            lease_seconds=self.heartbeat.timeout,
         )
+        if done is not None and done.followed is not None:
+            return done, done.followed
         if done is None or done.chained is None:
             return done, None
         return done, self._claim_chained(conn, wf, done.chained, plan.chain_token)

@@ -18,6 +18,7 @@ the whole result and ``finished_at`` in its own commit.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,18 +109,32 @@ WITH done AS (
             ELSE r.finished_at END,
         updated_at = now()
     FROM done WHERE r.id = done.run_id
-    RETURNING r.state, r.trace_context
+    RETURNING r.state, r.trace_context, r.workflow, r.version, r.definition_hash, r.input,
+              r.business_key
 ), released AS (
+    -- A step that becomes ready here is left 'ready' for its message; the one the caller
+    -- follows with in-process (:follow, which runs after this step alone) is claimed here at
+    -- once, for the caller's claim token, as a claim would.
     UPDATE {steps} sr
     SET pending_deps = sr.pending_deps - 1,
-        state = CASE WHEN sr.pending_deps = 1 THEN 'ready' ELSE 'waiting' END,
-        attempt = CASE WHEN sr.pending_deps = 1 THEN sr.attempt + 1 ELSE sr.attempt END
+        state = CASE WHEN sr.pending_deps > 1 THEN 'waiting'
+                     WHEN sr.step = :follow AND run.state = ANY(:live) THEN 'running'
+                     ELSE 'ready' END,
+        attempt = CASE WHEN sr.pending_deps = 1 THEN sr.attempt + 1 ELSE sr.attempt END,
+        started_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN now()
+                          ELSE sr.started_at END,
+        worker = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN :follow_token
+                      ELSE sr.worker END,
+        lease_expires_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow
+                                THEN now() + make_interval(secs => :lease)
+                                ELSE sr.lease_expires_at END,
+        due_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN NULL ELSE sr.due_at END
     FROM run
     WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = ANY(:release)
       AND sr.state = 'waiting'
       AND (run.state = ANY(:live)
            OR (:kind = 'compensation' AND run.state = 'compensation_failed'))
-    RETURNING sr.step, sr.state, sr.attempt
+    RETURNING sr.step, sr.state, sr.attempt, sr.first_attempt
 ), chained AS (
     -- The first of the steps this worker may run next in-process that became ready: the
     -- caller claims it in this same transaction, so it needs no outbox row.
@@ -143,10 +158,18 @@ WITH done AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)
     SELECT :run_id, 'step_completed', :kind, :step, :attempt FROM done
     UNION ALL
+    SELECT :run_id, 'step_started', :kind, released.step, released.attempt FROM released
+    WHERE released.state = 'running'
+    UNION ALL
     SELECT :run_id, 'run_' || run.state, NULL, NULL, NULL FROM run
     WHERE run.state IN ('completed', 'compensated', 'cancelled')
 )
-SELECT run.state, run.trace_context,
+SELECT run.state, run.trace_context, run.workflow, run.version, run.definition_hash,
+       CASE WHEN EXISTS (SELECT 1 FROM released WHERE state = 'running')
+            THEN run.input END AS input,
+       run.business_key,
+       (SELECT to_jsonb(f) FROM (SELECT step, attempt, first_attempt FROM released
+                                WHERE state = 'running') f) AS followed,
        coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued,
        (SELECT to_jsonb(chained) FROM chained) AS chained
 FROM run
@@ -203,6 +226,8 @@ class Completion:
     chained: AttemptRef | None = None
     """The step this completion made ready for the caller to claim in the same transaction
     (one of ``chain``): it has no outbox row."""
+    followed: Claim | None = None
+    """The step this completion claimed itself for the caller (``follow``), ready to run."""
 
     @property
     def ready(self) -> tuple[str, ...]:
@@ -290,6 +315,8 @@ class Transitions:
         republish_after: float = 300.0,
         chain: Sequence[str] = (),
         chain_token: str = "",
+        follow: str | None = None,
+        lease_seconds: float = 15.0,
     ) -> Completion | None:
         """Record the attempt's result and queue every step it made ready, in one statement.
 
@@ -301,7 +328,10 @@ class Transitions:
         ``chain`` lists, in order of preference, steps the caller can run next in-process: the
         first of them this completion makes ready gets no outbox row, and the caller must
         claim it before its transaction commits (or enqueue it), with ``chain_token``, by which
-        a replay finds it.
+        a replay finds it. ``follow`` names a step that runs after this one alone: if this
+        completion makes it ready, the same statement claims it, under ``chain_token`` and a
+        lease of ``lease_seconds``, and :attr:`Completion.followed` is its claim (its only
+        dependency's result is this one, so nothing else needs reading).
         ``None`` means a duplicate: the attempt is stale or was finished by someone else; a
         completion of this very attempt whose reply was lost is replayed instead.
         """
@@ -318,14 +348,30 @@ class Transitions:
             "eager": eager,
             "republish_after": republish_after,
             "chain": list(chain),
+            "follow": follow,
+            "follow_token": chain_token,
+            "lease": lease_seconds,
         }
         row = conn.execute(self._complete, params).mappings().first()
         if row is not None:
+            followed = row["followed"]
             return Completion(
                 run_state=row["state"],
                 queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
                 trace_context=row["trace_context"],
                 chained=_ref(ref, row["chained"]),
+                followed=None if followed is None else Claim(
+                    ref=AttemptRef(ref.run_id, ref.kind, followed["step"], followed["attempt"]),
+                    workflow=row["workflow"],
+                    version=row["version"],
+                    definition_hash=row["definition_hash"],
+                    input=row["input"],
+                    business_key=row["business_key"],
+                    trace_context=row["trace_context"],
+                    claimed=True,
+                    first_attempt=followed["first_attempt"],
+                    results={ref.step: json.loads(result_json)},
+                ),
             )
         return self.replay_completion(
             conn, ref, token=token, release=release, chain_token=chain_token
