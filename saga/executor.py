@@ -348,6 +348,7 @@ class Executor:
             chain_token=plan.chain_token,
             follow=plan.follow,
             lease_seconds=self.heartbeat.timeout,
+            definition=(wf.name, wf.version, wf.definition_hash),
         )
         if done is not None and done.followed is not None:
             return done, done.followed

@@ -87,9 +87,8 @@ WITH done AS (
     RETURNING run_id
 ), run AS (
     UPDATE {runs} r
-    SET steps_remaining = r.steps_remaining - CASE WHEN :kind = 'step' THEN 1 ELSE 0 END,
-        compensations_remaining =
-            r.compensations_remaining - CASE WHEN :kind = 'compensation' THEN 1 ELSE 0 END,
+    SET steps_remaining = r.steps_remaining - (:kind = 'step')::int,
+        compensations_remaining = r.compensations_remaining - (:kind = 'compensation')::int,
         state = CASE
             WHEN :kind = 'step' AND r.state = 'running' AND r.steps_remaining = 1
                 THEN 'completed'
@@ -109,26 +108,21 @@ WITH done AS (
             ELSE r.finished_at END,
         updated_at = now()
     FROM done WHERE r.id = done.run_id
-    RETURNING r.state, r.trace_context, r.workflow, r.version, r.definition_hash, r.input,
-              r.business_key
+    RETURNING r.state, r.trace_context, r.input, r.business_key
 ), released AS (
     -- A step that becomes ready here is left 'ready' for its message; the one the caller
-    -- follows with in-process (:follow, which runs after this step alone) is claimed here at
-    -- once, for the caller's claim token, as a claim would.
+    -- follows with in-process (:follow runs after this step alone, so it is ready once this
+    -- completes) is claimed here at once, for the caller's claim token, as a claim would.
     UPDATE {steps} sr
     SET pending_deps = sr.pending_deps - 1,
         state = CASE WHEN sr.pending_deps > 1 THEN 'waiting'
-                     WHEN sr.step = :follow AND run.state = ANY(:live) THEN 'running'
-                     ELSE 'ready' END,
-        attempt = CASE WHEN sr.pending_deps = 1 THEN sr.attempt + 1 ELSE sr.attempt END,
-        started_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN now()
-                          ELSE sr.started_at END,
-        worker = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN :follow_token
-                      ELSE sr.worker END,
-        lease_expires_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow
-                                THEN now() + make_interval(secs => :lease)
-                                ELSE sr.lease_expires_at END,
-        due_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN NULL ELSE sr.due_at END
+                     WHEN sr.step = :follow THEN 'running' ELSE 'ready' END,
+        attempt = sr.attempt + (sr.pending_deps = 1)::int,
+        started_at = CASE WHEN sr.step = :follow THEN now() ELSE sr.started_at END,
+        worker = CASE WHEN sr.step = :follow THEN :follow_token ELSE sr.worker END,
+        lease_expires_at = CASE WHEN sr.step = :follow
+                                THEN now() + make_interval(secs => :lease) END,
+        due_at = CASE WHEN sr.step = :follow THEN NULL ELSE sr.due_at END
     FROM run
     WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = ANY(:release)
       AND sr.state = 'waiting'
@@ -164,10 +158,9 @@ WITH done AS (
     SELECT :run_id, 'run_' || run.state, NULL, NULL, NULL FROM run
     WHERE run.state IN ('completed', 'compensated', 'cancelled')
 )
-SELECT run.state, run.trace_context, run.workflow, run.version, run.definition_hash,
+SELECT run.state, run.trace_context, run.business_key,
        CASE WHEN EXISTS (SELECT 1 FROM released WHERE state = 'running')
             THEN run.input END AS input,
-       run.business_key,
        (SELECT to_jsonb(f) FROM (SELECT step, attempt, first_attempt FROM released
                                 WHERE state = 'running') f) AS followed,
        coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued,
@@ -317,6 +310,7 @@ class Transitions:
         chain_token: str = "",
         follow: str | None = None,
         lease_seconds: float = 15.0,
+        definition: tuple[str, int, str] = ("", 0, ""),
     ) -> Completion | None:
         """Record the attempt's result and queue every step it made ready, in one statement.
 
@@ -331,7 +325,8 @@ class Transitions:
         a replay finds it. ``follow`` names a step that runs after this one alone: if this
         completion makes it ready, the same statement claims it, under ``chain_token`` and a
         lease of ``lease_seconds``, and :attr:`Completion.followed` is its claim (its only
-        dependency's result is this one, so nothing else needs reading).
+        dependency's result is this one, so nothing else needs reading); ``definition`` is the
+        run's workflow, version and definition hash, for that claim.
         ``None`` means a duplicate: the attempt is stale or was finished by someone else; a
         completion of this very attempt whose reply was lost is replayed instead.
         """
@@ -362,9 +357,9 @@ class Transitions:
                 chained=_ref(ref, row["chained"]),
                 followed=None if followed is None else Claim(
                     ref=AttemptRef(ref.run_id, ref.kind, followed["step"], followed["attempt"]),
-                    workflow=row["workflow"],
-                    version=row["version"],
-                    definition_hash=row["definition_hash"],
+                    workflow=definition[0],
+                    version=definition[1],
+                    definition_hash=definition[2],
                     input=row["input"],
                     business_key=row["business_key"],
                     trace_context=row["trace_context"],

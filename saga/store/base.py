@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,14 +68,24 @@ class Tables:
 
     def sql(self, template: str) -> TextClause:
         """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}``,
-        ``{processes}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in."""
-        return text(
-            template.format(
-                runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history,
-                processes=self.processes, run_counts=self.run_counts,
-                run_count_deltas=self.run_count_deltas,
-            )
+        ``{processes}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in, its comments
+        and runs of white space removed: psycopg caches the parsing of a statement only up to
+        4 KB of text, and the hot path's statements must stay cached."""
+        filled = template.format(
+            runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history,
+            processes=self.processes, run_counts=self.run_counts,
+            run_count_deltas=self.run_count_deltas,
         )
+        return text(squeeze(filled))
 
 
 Row = dict[str, Any]
+
+_COMMENT = re.compile(r"--[^\n]*")
+_SPACE = re.compile(r"\s+")
+
+
+def squeeze(sql: str) -> str:
+    """``sql`` without ``--`` comments and with each run of white space made one space (no
+    string literal in saga's statements holds ``--`` or significant white space)."""
+    return _SPACE.sub(" ", _COMMENT.sub("", sql)).strip()

@@ -84,3 +84,17 @@ def test_a_compensation_carries_the_idempotency_key_of_the_step_it_undoes() -> N
     assert ref.idempotency_key == "r1:compensation:charge"
     assert ref.step_idempotency_key == "r1:step:charge"
     assert AttemptRef("r1", "step", "charge", 5).idempotency_key == ref.step_idempotency_key
+
+
+def test_the_hot_path_statements_stay_within_what_psycopg_caches() -> None:
+    from psycopg._queries import MAX_CACHED_STATEMENT_LENGTH
+    from sqlalchemy.dialects.postgresql import psycopg as dialect
+
+    from saga.store.base import Tables
+    from saga.store.outbox import _TAKE_BATCH
+    from saga.transitions import _CLAIM, _COMPLETE
+
+    # Longer statements are parsed again on every execution (a visible cost per step).
+    for template in (_CLAIM, _COMPLETE, _TAKE_BATCH):
+        compiled = str(Tables("saga").sql(template).compile(dialect=dialect.dialect()))
+        assert len(compiled) <= MAX_CACHED_STATEMENT_LENGTH, len(compiled)
