@@ -51,10 +51,11 @@ class _Plan:
 
     release: tuple[str, ...]
     routes: list[dict[str, Any]]
-    chain: list[str]
-    chain_token: str
-    follow: str | None = None
-    """A step that runs after this one alone, claimed by the completing statement itself."""
+    follow: str | None
+    """The step to run next in-process if the completion makes it ready (it claims it)."""
+    follow_alone: bool
+    """Whether that step runs after this one alone (the completion knows all its inputs)."""
+    follow_token: str
 
 
 @dataclass
@@ -320,14 +321,14 @@ class Executor:
         else:
             release = tuple(sorted(graph.ancestors(after, ref.step)))
         chain = self._chainable(wf, ref, release, delivery)
-        # A successor whose only dependency is this step needs no other result: the completing
-        # statement claims it itself (one statement, no transaction); a join is claimed by a
-        # second statement of the completion's transaction, which sees its other inputs.
-        follow = next((s for s in chain if wf[s].after == (ref.step,)), None)
-        routes = [wf.route(s) for s in release]
-        if follow is not None:
-            return _Plan(release, routes, [], self._token(), follow)
-        return _Plan(release, routes, chain, self._token())
+        # The completing statement claims the step itself. A successor whose only dependency
+        # is this step needs no other input; a join's other inputs are read by a second
+        # statement, once the completion has committed (its snapshot sees them all).
+        alone = [s for s in chain if wf[s].after == (ref.step,)]
+        follow = next(iter(alone or chain), None)
+        return _Plan(
+            release, [wf.route(s) for s in release], follow, bool(alone), self._token()
+        )
 
     def _record(
         self, conn: Any, wf: Workflow, claim: Claim, token: str, plan: _Plan, result_json: str
@@ -344,17 +345,17 @@ class Executor:
             sink=ref.kind == "step" and not plan.release,
             eager=self._dispatcher is not None,
             republish_after=self.saga.settings.republish_after,
-            chain=plan.chain,
-            chain_token=plan.chain_token,
             follow=plan.follow,
+            follow_token=plan.follow_token,
+            follow_alone=plan.follow_alone,
             lease_seconds=self.heartbeat.timeout,
             definition=(wf.name, wf.version, wf.definition_hash),
         )
-        if done is not None and done.followed is not None:
-            return done, done.followed
-        if done is None or done.chained is None:
+        if done is None or done.followed is None:
             return done, None
-        return done, self._claim_chained(conn, wf, done.chained, plan.chain_token)
+        if done.follow_claim is not None:
+            return done, done.follow_claim
+        return done, self._claim_followed(conn, wf, done.followed, plan.follow_token)
 
     def _recorded(
         self, wf: Workflow, claim: Claim, token: str, plan: _Plan
@@ -364,13 +365,13 @@ class Executor:
 
         def look(conn: Any) -> tuple[Completion | None, Claim | None]:
             done = self.saga.transitions.replay_completion(
-                conn, ref, token=token, release=plan.release, chain_token=plan.chain_token
+                conn, ref, token=token, release=plan.release, follow_token=plan.follow_token
             )
-            if done is None or done.chained is None:
+            if done is None or done.followed is None:
                 return done, None
-            return done, self._claim_chained(conn, wf, done.chained, plan.chain_token)
+            return done, self._claim_followed(conn, wf, done.followed, plan.follow_token)
 
-        return self.saga.on_hot_path("complete", look, transaction=True)
+        return self.saga.on_hot_path("complete", look)
 
     def _complete(
         self,
@@ -382,9 +383,7 @@ class Executor:
     ) -> tuple[str, tuple[Claim, str] | None]:
         plan = self._plan(wf, claim.ref, delivery)
         done, chained = self.saga.on_hot_path(
-            "complete",
-            lambda conn: self._record(conn, wf, claim, token, plan, result_json),
-            transaction=bool(plan.chain),
+            "complete", lambda conn: self._record(conn, wf, claim, token, plan, result_json)
         )
         return self._finish(wf, claim, done, chained, plan)
 
@@ -408,10 +407,13 @@ class Executor:
             self._dispatcher.publish(wf, ref.run_id, ref.kind, done.queued, done.trace_context)
         if ref.kind == "step" and done.run_state in STOPPING:
             self.saga.in_transaction(lambda c: self.saga.lifecycle.advance(c, ref.run_id))
-        return "completed", None if chained is None else (chained, plan.chain_token)
+        return "completed", None if chained is None else (chained, plan.follow_token)
 
-    def _claim_chained(self, conn: Any, wf: Workflow, ref: AttemptRef, token: str) -> Claim | None:
-        """Claim, in the completion's transaction, the step it made ready for this worker."""
+    def _claim_followed(
+        self, conn: Any, wf: Workflow, ref: AttemptRef, token: str
+    ) -> Claim | None:
+        """The claim of the step a completion claimed for this worker, with all its inputs (a
+        statement after the completion's, which sees every dependency's result)."""
         claim = self.saga.transitions.claim(
             conn, ref, workflow=wf.name, version=wf.version,
             definition_hash=wf.definition_hash, deps=wf[ref.step].after,
@@ -419,8 +421,8 @@ class Executor:
         )
         if claim is not None and claim.claimed:
             return claim
-        # It became ready in this very transaction, so this cannot happen; should it, the
-        # step still gets the message it would have had.
+        # The completion claimed it under this token a moment ago, so this cannot happen;
+        # should it, the step still gets the message it would have had.
         route = {**wf.route(ref.step), "attempt": ref.attempt}
         self.saga.lifecycle.outbox.enqueue(conn, ref.run_id, ref.kind, [route])
         return None

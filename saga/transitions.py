@@ -110,31 +110,28 @@ WITH done AS (
     FROM done WHERE r.id = done.run_id
     RETURNING r.state, r.trace_context, r.input, r.business_key
 ), released AS (
-    -- A step that becomes ready here is left 'ready' for its message; the one the caller
-    -- follows with in-process (:follow runs after this step alone, so it is ready once this
-    -- completes) is claimed here at once, for the caller's claim token, as a claim would.
+    -- A step that becomes ready here is left 'ready' for its message, but the one the caller
+    -- runs next in-process (:follow): that one is claimed here at once, for the caller's claim
+    -- token, as a claim would (the caller reads a join's other inputs afterwards).
     UPDATE {steps} sr
     SET pending_deps = sr.pending_deps - 1,
         state = CASE WHEN sr.pending_deps > 1 THEN 'waiting'
                      WHEN sr.step = :follow THEN 'running' ELSE 'ready' END,
         attempt = sr.attempt + (sr.pending_deps = 1)::int,
-        started_at = CASE WHEN sr.step = :follow THEN now() ELSE sr.started_at END,
-        worker = CASE WHEN sr.step = :follow THEN :follow_token ELSE sr.worker END,
-        lease_expires_at = CASE WHEN sr.step = :follow
+        started_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN now()
+                          ELSE sr.started_at END,
+        worker = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN :follow_token
+                      ELSE sr.worker END,
+        lease_expires_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow
                                 THEN now() + make_interval(secs => :lease) END,
-        due_at = CASE WHEN sr.step = :follow THEN NULL ELSE sr.due_at END
+        due_at = CASE WHEN sr.pending_deps = 1 AND sr.step = :follow THEN NULL
+                      ELSE sr.due_at END
     FROM run
     WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = ANY(:release)
       AND sr.state = 'waiting'
       AND (run.state = ANY(:live)
            OR (:kind = 'compensation' AND run.state = 'compensation_failed'))
     RETURNING sr.step, sr.state, sr.attempt, sr.first_attempt
-), chained AS (
-    -- The first of the steps this worker may run next in-process that became ready: the
-    -- caller claims it in this same transaction, so it needs no outbox row.
-    SELECT released.step, released.attempt FROM released, run
-    WHERE released.state = 'ready' AND released.step = ANY(:chain) AND run.state = ANY(:live)
-    ORDER BY array_position(CAST(:chain AS text[]), released.step) LIMIT 1
 ), queued AS (
     INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
                           published_at, publish_count, republish_at)
@@ -146,7 +143,6 @@ WITH done AS (
          AS x(step text, queue text, priority int, time_limit float8) ON x.step = released.step
     CROSS JOIN run
     WHERE released.state = 'ready' AND run.state = ANY(:live)
-      AND released.step IS DISTINCT FROM (SELECT step FROM chained)
     RETURNING step, attempt, queue, priority, time_limit
 ), logged AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)
@@ -163,8 +159,7 @@ SELECT run.state, run.trace_context, run.business_key,
             THEN run.input END AS input,
        (SELECT to_jsonb(f) FROM (SELECT step, attempt, first_attempt FROM released
                                 WHERE state = 'running') f) AS followed,
-       coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued,
-       (SELECT to_jsonb(chained) FROM chained) AS chained
+       coalesce((SELECT jsonb_agg(to_jsonb(queued)) FROM queued), '[]'::jsonb) AS queued
 FROM run
 """
 
@@ -178,7 +173,7 @@ SELECT r.state, r.trace_context,
                 '[]'::jsonb) AS queued,
        (SELECT jsonb_build_object('step', c.step, 'attempt', c.attempt) FROM {steps} c
         WHERE c.run_id = sr.run_id AND c.kind = sr.kind AND c.step = ANY(:release)
-          AND c.state = 'running' AND c.worker = :chain_token LIMIT 1) AS chained
+          AND c.state = 'running' AND c.worker = :follow_token LIMIT 1) AS followed
 FROM {steps} sr JOIN {runs} r ON r.id = sr.run_id
 WHERE sr.run_id = :run_id AND sr.kind = :kind AND sr.step = :step
   AND sr.state = 'completed' AND sr.attempt = :attempt AND sr.worker = :token
@@ -216,11 +211,12 @@ class Completion:
     trace_context: Any = None
     replayed: bool = False
     """The completion had committed before (its reply was lost): nothing changed now."""
-    chained: AttemptRef | None = None
-    """The step this completion made ready for the caller to claim in the same transaction
-    (one of ``chain``): it has no outbox row."""
-    followed: Claim | None = None
-    """The step this completion claimed itself for the caller (``follow``), ready to run."""
+    followed: AttemptRef | None = None
+    """The step this completion made ready and claimed for the caller (``follow``): it has no
+    outbox row; the caller runs it next."""
+    follow_claim: Claim | None = None
+    """That step's claim, when its only dependency is the completed step (its inputs are
+    known); otherwise the caller reads it (:meth:`Transitions.claim` with the same token)."""
 
     @property
     def ready(self) -> tuple[str, ...]:
@@ -306,9 +302,9 @@ class Transitions:
         sink: bool,
         eager: bool = False,
         republish_after: float = 300.0,
-        chain: Sequence[str] = (),
-        chain_token: str = "",
         follow: str | None = None,
+        follow_token: str = "",
+        follow_alone: bool = False,
         lease_seconds: float = 15.0,
         definition: tuple[str, int, str] = ("", 0, ""),
     ) -> Completion | None:
@@ -319,14 +315,11 @@ class Transitions:
         ``sink`` whether the step's result is part of the run's. With ``eager`` the new
         messages are written as published: the caller publishes them itself after the commit
         (the sweeper publishes them again after ``republish_after`` if it died first).
-        ``chain`` lists, in order of preference, steps the caller can run next in-process: the
-        first of them this completion makes ready gets no outbox row, and the caller must
-        claim it before its transaction commits (or enqueue it), with ``chain_token``, by which
-        a replay finds it. ``follow`` names a step that runs after this one alone: if this
-        completion makes it ready, the same statement claims it, under ``chain_token`` and a
-        lease of ``lease_seconds``, and :attr:`Completion.followed` is its claim (its only
-        dependency's result is this one, so nothing else needs reading); ``definition`` is the
-        run's workflow, version and definition hash, for that claim.
+        ``follow`` names the step the caller would run next in-process: if this completion
+        makes it ready, the same statement claims it, under ``follow_token`` and a lease of
+        ``lease_seconds`` (:attr:`Completion.followed`); with ``follow_alone`` (its only
+        dependency is this step) its claim is built here, with ``definition`` (the run's
+        workflow, version and definition hash). A replay finds it by its token.
         ``None`` means a duplicate: the attempt is stale or was finished by someone else; a
         completion of this very attempt whose reply was lost is replayed instead.
         """
@@ -342,34 +335,36 @@ class Transitions:
             "sink": sink,
             "eager": eager,
             "republish_after": republish_after,
-            "chain": list(chain),
             "follow": follow,
-            "follow_token": chain_token,
+            "follow_token": follow_token,
             "lease": lease_seconds,
         }
         row = conn.execute(self._complete, params).mappings().first()
-        if row is not None:
-            followed = row["followed"]
-            return Completion(
-                run_state=row["state"],
-                queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
-                trace_context=row["trace_context"],
-                chained=_ref(ref, row["chained"]),
-                followed=None if followed is None else Claim(
-                    ref=AttemptRef(ref.run_id, ref.kind, followed["step"], followed["attempt"]),
-                    workflow=definition[0],
-                    version=definition[1],
-                    definition_hash=definition[2],
-                    input=row["input"],
-                    business_key=row["business_key"],
-                    trace_context=row["trace_context"],
-                    claimed=True,
-                    first_attempt=followed["first_attempt"],
-                    results={ref.step: json.loads(result_json)},
-                ),
+        if row is None:
+            return self.replay_completion(
+                conn, ref, token=token, release=release, follow_token=follow_token
             )
-        return self.replay_completion(
-            conn, ref, token=token, release=release, chain_token=chain_token
+        followed = _ref(ref, row["followed"])
+        follow_claim = None
+        if followed is not None and follow_alone:
+            follow_claim = Claim(
+                ref=followed,
+                workflow=definition[0],
+                version=definition[1],
+                definition_hash=definition[2],
+                input=row["input"],
+                business_key=row["business_key"],
+                trace_context=row["trace_context"],
+                claimed=True,
+                first_attempt=row["followed"]["first_attempt"],
+                results={ref.step: json.loads(result_json)},
+            )
+        return Completion(
+            run_state=row["state"],
+            queued=tuple(sorted(row["queued"], key=lambda m: m["step"])),
+            trace_context=row["trace_context"],
+            followed=followed,
+            follow_claim=follow_claim,
         )
 
     def replay_completion(
@@ -379,12 +374,12 @@ class Transitions:
         *,
         token: str,
         release: Sequence[str],
-        chain_token: str = "",
+        follow_token: str = "",
     ) -> Completion | None:
         """What the completion of ``ref`` under claim ``token`` did, if it committed (its
         reply may have been lost); ``None`` if it did not. Changes nothing."""
         replay = {"run_id": ref.run_id, "kind": ref.kind, "step": ref.step, "attempt": ref.attempt}
-        replay |= {"release": list(release), "token": token, "chain_token": chain_token}
+        replay |= {"release": list(release), "token": token, "follow_token": follow_token}
         again = conn.execute(self._replay_completion, replay).mappings().first()
         if again is None:
             return None
@@ -393,11 +388,11 @@ class Transitions:
             queued=tuple(sorted(again["queued"], key=lambda m: m["step"])),
             trace_context=again["trace_context"],
             replayed=True,
-            chained=_ref(ref, again["chained"]),
+            followed=_ref(ref, again["followed"]),
         )
 
 
-def _ref(completed: AttemptRef, chained: dict[str, Any] | None) -> AttemptRef | None:
-    if chained is None:
+def _ref(completed: AttemptRef, followed: dict[str, Any] | None) -> AttemptRef | None:
+    if followed is None:
         return None
-    return AttemptRef(completed.run_id, completed.kind, chained["step"], chained["attempt"])
+    return AttemptRef(completed.run_id, completed.kind, followed["step"], followed["attempt"])
