@@ -271,32 +271,33 @@ class Saga:
         with self.engine.connect() as conn:
             yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
-    def on_hot_path(
-        self, name: str, statement: Callable[[Connection], T], *, transaction: bool = False
-    ) -> T:
-        """Run guarded hot-path statements (``name``: ``claim`` or ``complete``) on a
-        connection of the engine's pool, held only for them: one statement in autocommit, or
-        with ``transaction`` several in one transaction (a completion and the claim of the
-        step it chains).
+    def on_hot_path(self, name: str, statement: Callable[[Connection], T]) -> T:
+        """Run a guarded hot-path statement (``name``: ``claim`` or ``complete``) on an
+        autocommit connection of the engine's pool, held only for it.
 
         Holding nothing while a step's code runs keeps the pool free for that code and for the
-        slow path. If the connection turns out to be dead, the statements run once more on a
+        slow path. If the connection turns out to be dead, the statement runs once more on a
         fresh one: claims and completions are guarded and replayable, so a retry of what did
         commit finds what it did."""
         for attempt in (1, 2):
             try:
-                if transaction:
-                    with self.engine.connect() as conn:
-                        with conn.begin():
-                            result = statement(conn)
-                        self._maybe_lose_reply(conn, name, attempt)
-                        return result
                 with self._autocommit_engine.connect() as conn:
-                    result = statement(conn)
+                    try:
+                        result = statement(conn)
+                    except psycopg.Error:
+                        # Hot statements run on the driver: a dead connection shows as the
+                        # driver's error, which SQLAlchemy has not seen.
+                        driver = conn.connection.driver_connection
+                        if driver is None or driver.closed or driver.broken:
+                            conn.invalidate()
+                        raise
                     self._maybe_lose_reply(conn, name, attempt)
                     return result
             except DBAPIError as exc:
                 if attempt == 2 or not exc.connection_invalidated:
+                    raise
+            except psycopg.OperationalError:
+                if attempt == 2:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 

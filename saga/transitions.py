@@ -28,7 +28,7 @@ from sqlalchemy import Connection
 from saga.codec import dumps
 from saga.core.attempts import AttemptRef, outcome_of
 from saga.core.states import LIVE_RUN_STATES
-from saga.store.base import Tables
+from saga.store.base import Statement, Tables
 
 _CLAIM = """
 WITH run AS (
@@ -233,9 +233,9 @@ class Transitions:
     """The claim and complete statements for one schema."""
 
     def __init__(self, tables: Tables) -> None:
-        self._claim = tables.sql(_CLAIM)
-        self._complete = tables.sql(_COMPLETE)
-        self._replay_completion = tables.sql(_REPLAY_COMPLETION)
+        self._claim = Statement.of(tables.sql(_CLAIM))
+        self._complete = Statement.of(tables.sql(_COMPLETE))
+        self._replay_completion = Statement.of(tables.sql(_REPLAY_COMPLETION))
 
     def claim(
         self,
@@ -251,25 +251,21 @@ class Transitions:
     ) -> Claim | None:
         """Start ``ref`` under a lease of ``lease_seconds`` (renewed by the worker's heartbeat)
         if its run is live and has this definition; ``None`` when there is no such run."""
-        row = (
-            conn.execute(
-                self._claim,
-                {
-                    "run_id": ref.run_id,
-                    "kind": ref.kind,
-                    "step": ref.step,
-                    "attempt": ref.attempt,
-                    "live": list(LIVE_RUN_STATES[ref.kind]),
-                    "workflow": workflow,
-                    "version": version,
-                    "hash": definition_hash,
-                    "lease": lease_seconds,
-                    "token": token,
-                    "deps": list(deps),
-                },
-            )
-            .mappings()
-            .first()
+        row = self._claim.first(
+            conn,
+            {
+                "run_id": ref.run_id,
+                "kind": ref.kind,
+                "step": ref.step,
+                "attempt": ref.attempt,
+                "live": list(LIVE_RUN_STATES[ref.kind]),
+                "workflow": workflow,
+                "version": version,
+                "hash": definition_hash,
+                "lease": lease_seconds,
+                "token": token,
+                "deps": list(deps),
+            },
         )
         if row is None:
             return None
@@ -339,7 +335,7 @@ class Transitions:
             "follow_token": follow_token,
             "lease": lease_seconds,
         }
-        row = conn.execute(self._complete, params).mappings().first()
+        row = self._complete.first(conn, params)
         if row is None:
             return self.replay_completion(
                 conn, ref, token=token, release=release, follow_token=follow_token
@@ -380,7 +376,7 @@ class Transitions:
         reply may have been lost); ``None`` if it did not. Changes nothing."""
         replay = {"run_id": ref.run_id, "kind": ref.kind, "step": ref.step, "attempt": ref.attempt}
         replay |= {"release": list(release), "token": token, "follow_token": follow_token}
-        again = conn.execute(self._replay_completion, replay).mappings().first()
+        again = self._replay_completion.first(conn, replay)
         if again is None:
             return None
         return Completion(
