@@ -1,0 +1,214 @@
+"""Durable timers and signals, run inline (saga.testing) on the real PostgreSQL: a fake clock
+fires sleeps and timeouts, signals are sent in the caller's transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy.orm import Session
+
+from saga import InputError, RetryPolicy, Saga, Settings, StepContext, Workflow
+from saga.errors import SignalRefusedError
+from saga.registry import Registry
+from saga.testing import FakeClock, drain, send_signal
+
+NOW = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.01, jitter=0.0)
+UNDONE: list[str] = []
+
+
+def _order(ctx: StepContext) -> dict[str, Any]:
+    return {"order": ctx.input.get("order")}
+
+
+def _undo_order(ctx: StepContext) -> None:
+    UNDONE.append(ctx.run_id)
+
+
+def _ship(ctx: StepContext) -> dict[str, Any]:
+    return {"paid": ctx.results["paid"], "slept": "woke_at" in ctx.results["cool_off"]}
+
+
+def _workflows() -> list[Workflow]:
+    checkout = Workflow("w.checkout", retry=NOW)
+    checkout.add_step("order", _order, compensate=_undo_order)
+    checkout.wait_for_signal(
+        "paid", signal="payment_captured", timeout=timedelta(hours=1), after=["order"]
+    )
+    checkout.sleep("cool_off", for_=timedelta(minutes=30), after=["paid"])
+    checkout.add_step("ship", _ship, after=["paid", "cool_off"])
+    lenient = Workflow("w.lenient", retry=NOW)
+    lenient.wait_for_signal("answer", signal="answer", timeout=60, default={"answer": "none"})
+    lenient.add_step("after", lambda ctx: ctx.results["answer"], after=["answer"])
+    first = Workflow("w.first", retry=NOW)
+    first.wait_for_signal("go", signal="go", timeout=60)
+    until = Workflow("w.until", retry=NOW)
+    until.sleep("nap", until=lambda ctx: datetime.fromisoformat(ctx.input["at"]))
+    return [checkout, lenient, first, until]
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Saga]:
+    UNDONE.clear()
+    eng = create_engine(db_url)
+    try:
+        yield Saga(Registry(*_workflows()), engine=eng, settings=Settings())
+    finally:
+        eng.dispose()
+
+
+def _state(saga: Saga, run_id: str, step: str) -> str:
+    return next(s["state"] for s in saga.get_run(run_id)["steps"] if s["step"] == step)
+
+
+def test_a_signal_wakes_its_waiting_step_and_a_sleep_ends_when_the_clock_passes_it(
+    engine: Saga,
+) -> None:
+    clock = FakeClock(engine)
+    run = engine.start_now("w.checkout", {"order": 7})
+    drain(engine)
+    assert _state(engine, run.run_id, "paid") == "suspended"
+    assert send_signal(engine, run.run_id, "payment_captured", {"amount": 12}) == "delivered"
+    assert _state(engine, run.run_id, "cool_off") == "suspended"
+    clock.advance(timedelta(minutes=29))
+    assert _state(engine, run.run_id, "cool_off") == "suspended"
+    clock.advance(timedelta(minutes=2))
+    done = engine.get_run(run.run_id)
+    assert done["state"] == "completed"
+    assert done["result"] == {"ship": {"paid": {"amount": 12}, "slept": True}}
+
+
+def test_a_signal_sent_before_the_wait_is_kept_for_it(engine: Saga) -> None:
+    with Session(engine.engine) as session, session.begin():
+        run = engine.start(session, "w.first", {})
+        # In the very transaction that starts the run: atomic with the caller's write.
+        assert engine.signal(session, run.run_id, "go", {"n": 1}) == "stored"
+    drain(engine)
+    assert engine.get_run(run.run_id)["result"] == {"go": {"n": 1}}
+
+
+def test_a_signal_sent_twice_is_taken_once_and_the_second_is_ignored(engine: Saga) -> None:
+    early = engine.start_now("w.checkout", {"order": 1})
+    assert engine.signal_now(early.run_id, "payment_captured", {"n": 1}) == "stored"
+    assert engine.signal_now(early.run_id, "payment_captured", {"n": 2}) == "duplicate"
+    late = engine.start_now("w.checkout", {"order": 2})
+    drain(engine)
+    assert send_signal(engine, late.run_id, "payment_captured", {"n": 1}) == "delivered"
+    assert send_signal(engine, late.run_id, "payment_captured", {"n": 2}) == "duplicate"
+    FakeClock(engine).advance(timedelta(hours=1))
+    for run in (early, late):
+        assert engine.get_run(run.run_id)["result"]["ship"]["paid"] == {"n": 1}
+
+
+def test_a_signal_rolled_back_with_the_callers_transaction_was_never_sent(
+    engine: Saga,
+) -> None:
+    run = engine.start_now("w.first", {})
+    drain(engine)
+    with Session(engine.engine) as session, session.begin():
+        assert engine.signal(session, run.run_id, "go", 1) == "delivered"
+        session.rollback()
+    assert _state(engine, run.run_id, "go") == "suspended"
+    assert send_signal(engine, run.run_id, "go", 2) == "delivered"
+    assert engine.get_run(run.run_id)["result"] == {"go": 2}
+
+
+def test_a_signal_wait_that_times_out_is_retried_then_the_run_compensates(
+    engine: Saga,
+) -> None:
+    clock = FakeClock(engine)
+    run = engine.start_now("w.checkout", {"order": 8})
+    drain(engine)
+    clock.advance(timedelta(hours=1, seconds=1))
+    row = next(s for s in engine.get_run(run.run_id)["steps"] if s["step"] == "paid")
+    assert (row["state"], row["attempt"]) == ("suspended", 2)  # the retry waits again
+    clock.advance(timedelta(hours=1, seconds=1))
+    done = engine.get_run(run.run_id)
+    assert done["state"] == "compensated"
+    assert done["error"]["type"] == "saga.SignalTimeout"
+    assert [run.run_id] == UNDONE
+
+
+def test_a_signal_after_the_timeout_is_refused_by_the_stopped_run(engine: Saga) -> None:
+    clock = FakeClock(engine)
+    run = engine.start_now("w.checkout", {"order": 9})
+    drain(engine)
+    clock.advance(timedelta(hours=3))
+    clock.advance(timedelta(hours=3))
+    assert engine.get_run(run.run_id)["state"] == "compensated"
+    with pytest.raises(SignalRefusedError, match="compensated"):
+        engine.signal_now(run.run_id, "payment_captured", {"late": True})
+
+
+def test_a_timeout_with_a_default_continues_and_a_later_signal_changes_nothing(
+    engine: Saga,
+) -> None:
+    clock = FakeClock(engine)
+    run = engine.start_now("w.lenient", {}, key="lenient-1")
+    drain(engine)
+    clock.advance(timedelta(seconds=61))
+    done = engine.get_run(run.run_id)
+    assert done["state"] == "completed"
+    assert done["result"] == {"after": {"answer": "none"}}
+    with pytest.raises(SignalRefusedError, match="completed"):
+        engine.signal_now("lenient-1", "answer", {"answer": "late"})
+
+
+def test_a_signal_to_a_finished_run_is_refused_with_a_clear_error(engine: Saga) -> None:
+    run = engine.start_now("w.first", {})
+    drain(engine)
+    send_signal(engine, run.run_id, "go", None)
+    assert engine.get_run(run.run_id)["state"] == "completed"
+    with pytest.raises(SignalRefusedError, match=f"run {run.run_id} is completed"):
+        engine.signal_now(run.run_id, "go", None)
+
+
+def test_a_signals_payload_is_checked_like_input(engine: Saga) -> None:
+    run = engine.start_now("w.first", {})
+    with pytest.raises(InputError, match="NUL"):
+        engine.signal_now(run.run_id, "go", {"s": "a\x00b"})
+    with pytest.raises(InputError, match="signal"):
+        engine.signal_now(run.run_id, "no spaces allowed", 1)
+
+
+def test_a_sleep_until_a_time_from_the_input_ends_at_that_time(engine: Saga) -> None:
+    clock = FakeClock(engine)
+    at = datetime.now(UTC) + timedelta(days=2)
+    run = engine.start_now("w.until", {"at": at.isoformat()})
+    drain(engine)
+    row = next(s for s in engine.get_run(run.run_id)["steps"] if s["step"] == "nap")
+    assert row["state"] == "suspended" and row["wake_at"] == at
+    clock.advance(timedelta(days=1))
+    assert _state(engine, run.run_id, "nap") == "suspended"
+    clock.advance(timedelta(days=1, seconds=1))
+    assert "woke_at" in engine.get_run(run.run_id)["result"]["nap"]
+
+
+def test_a_sleep_until_a_time_already_past_completes_at_once(engine: Saga) -> None:
+    at = datetime.now(UTC) - timedelta(minutes=5)
+    run = engine.start_now("w.until", {"at": at.isoformat()})
+    drain(engine)
+    assert engine.get_run(run.run_id)["state"] == "completed"
+
+
+def test_a_sleep_until_that_returns_no_time_fails_the_step(engine: Saga) -> None:
+    run = engine.start_now("w.until", {"at": "2026-01-01T00:00:00"})  # naive: refused
+    drain(engine)
+    done = engine.get_run(run.run_id)
+    assert done["state"] == "failed"
+    assert "aware datetime" in done["error"]["message"]
+
+
+def test_cancelling_a_run_skips_its_suspended_step_and_undoes_the_rest(engine: Saga) -> None:
+    clock = FakeClock(engine)
+    run = engine.start_now("w.checkout", {"order": 10})
+    drain(engine)
+    engine.cancel(run.run_id)
+    drain(engine)
+    assert engine.get_run(run.run_id)["state"] == "cancelled"
+    assert _state(engine, run.run_id, "paid") == "skipped"
+    clock.advance(timedelta(hours=2))  # nothing is left to wake
+    assert [run.run_id] == UNDONE
