@@ -129,8 +129,6 @@ class Waits:
                 until = runner.wake_at(ctx, datetime.now().astimezone())
                 if until <= datetime.now().astimezone():  # its time has passed already
                     return Suspension(result=dumps({"woke_at": until.isoformat()}))
-        params = {"run_id": ref.run_id, "step": ref.step, "attempt": ref.attempt, "token": token}
-        params |= {"until": until, "seconds": seconds or 0.0, "signal": signal}
         lifecycle = self.saga.lifecycle
 
         def suspend(conn: Connection) -> Suspension:
@@ -140,15 +138,33 @@ class Waits:
                 row = found.first()
                 if row is not None:
                     return Suspension(result=dumps(row[0]))
-            done = conn.execute(self._suspend, params).first()
-            if done is None:
+            wake_at = self.suspend(conn, ref, token, seconds=seconds, until=until, signal=signal)
+            if wake_at is None:
                 return Suspension()  # stale: the attempt is no longer ours
-            detail = {"wake_at": done[0].isoformat(), "signal": signal}
+            detail = {"wake_at": wake_at.isoformat(), "signal": signal}
             lifecycle.history.append(conn, ref.run_id, "step_suspended", kind="step",
                                      step=ref.step, attempt=ref.attempt, detail=detail)
-            return Suspension(wake_at=done[0])
+            return Suspension(wake_at=wake_at)
 
         return self.saga.in_transaction(suspend)
+
+    def suspend(
+        self, conn: Connection, ref: AttemptRef, token: str, *, seconds: float | None,
+        until: datetime | None, signal: str | None,
+    ) -> datetime | None:
+        """The guarded move ``running --suspended--> suspended`` of the attempt ``ref`` claimed
+        under ``token``, to wake at ``until`` or ``seconds`` from now; its ``wake_at``, or
+        ``None`` if the attempt is not that running one."""
+        params = {"run_id": ref.run_id, "step": ref.step, "attempt": ref.attempt, "token": token}
+        params |= {"until": until, "seconds": seconds or 0.0, "signal": signal}
+        row = conn.execute(self._suspend, params).first()
+        return None if row is None else row[0]
+
+    def wake(self, conn: Connection, run_id: str, token: str, step: str) -> list[str]:
+        """The guarded move ``suspended --woken--> running`` of a step of a running run, under
+        ``token``, whatever its wake time (the caller then completes or fails it); the steps
+        it moved."""
+        return [r["step"] for r in self._take(conn, run_id, token, step=step)]
 
     # -- waking ------------------------------------------------------------------------------
 

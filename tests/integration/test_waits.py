@@ -3,15 +3,19 @@ fires sleeps and timeouts, signals are sent in the caller's transaction."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import create_engine
 from sqlalchemy.orm import Session
 
 from saga import InputError, RetryPolicy, Saga, Settings, StepContext, Workflow
+from saga.cli.config import ExitCode
+from saga.cli.main import cli
 from saga.errors import SignalRefusedError
 from saga.registry import Registry
 from saga.testing import FakeClock, drain, send_signal
@@ -212,3 +216,45 @@ def test_cancelling_a_run_skips_its_suspended_step_and_undoes_the_rest(engine: S
     assert _state(engine, run.run_id, "paid") == "skipped"
     clock.advance(timedelta(hours=2))  # nothing is left to wake
     assert [run.run_id] == UNDONE
+
+
+CLI_REGISTRY = Registry(*_workflows())
+"""What ``saga --app tests.integration.test_waits:CLI_REGISTRY`` loads."""
+
+
+def _saga_cli(db_url: str, *args: str) -> Any:
+    app = ["--app", "tests.integration.test_waits:CLI_REGISTRY"] if args[0] == "signal" else []
+    return CliRunner().invoke(cli, ["--plain", "--database-url", db_url, *args[:1], *app,
+                                    *args[1:]])
+
+
+def test_saga_signal_delivers_a_json_payload_and_status_shows_what_a_step_waits_for(
+    engine: Saga, db_url: str
+) -> None:
+    run = engine.start_now("w.checkout", {"order": 11}, key="order-11")
+    drain(engine)
+    shown = _saga_cli(db_url, "status", "order-11")
+    assert shown.exit_code == 0, shown.output
+    assert "waits for signal 'payment_captured' until" in shown.output
+    sent = _saga_cli(db_url, "signal", "order-11", "payment_captured", "--data", '{"amount": 3}')
+    assert sent.exit_code == 0, sent.output
+    assert "signal 'payment_captured' delivered" in sent.output
+    again = _saga_cli(db_url, "signal", "order-11", "payment_captured", "--data", "1", "--json")
+    assert again.exit_code == 0 and json.loads(again.output)["outcome"] == "duplicate"
+    drain(engine)
+    assert "sleeps until" in _saga_cli(db_url, "status", run.run_id).output
+
+
+def test_saga_signal_errors_are_one_line_with_their_exit_codes(engine: Saga, db_url: str) -> None:
+    run = engine.start_now("w.first", {})
+    bad_json = _saga_cli(db_url, "signal", run.run_id, "go", "--data", "{nope")
+    assert bad_json.exit_code == ExitCode.USAGE
+    assert bad_json.output.startswith("saga: error: --data is not JSON")
+    unknown = _saga_cli(db_url, "signal", "no-such-run", "go")
+    assert unknown.exit_code == ExitCode.NOT_FOUND
+    engine.cancel(run.run_id)
+    drain(engine)
+    refused = _saga_cli(db_url, "signal", run.run_id, "go")
+    assert refused.exit_code == ExitCode.INVALID_STATE
+    assert f"run {run.run_id} is cancelled: it takes no signal 'go'" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
