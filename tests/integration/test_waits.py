@@ -18,6 +18,7 @@ from saga.cli.config import ExitCode
 from saga.cli.main import cli
 from saga.errors import SignalRefusedError
 from saga.registry import Registry
+from saga.steps import WaitStep
 from saga.testing import FakeClock, drain, send_signal
 
 NOW = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.01, jitter=0.0)
@@ -258,3 +259,60 @@ def test_saga_signal_errors_are_one_line_with_their_exit_codes(engine: Saga, db_
     assert refused.exit_code == ExitCode.INVALID_STATE
     assert f"run {run.run_id} is cancelled: it takes no signal 'go'" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
+
+
+def test_the_dashboard_shows_what_a_suspended_step_waits_for(engine: Saga) -> None:
+    from starlette.testclient import TestClient
+
+    from saga.dashboard.app import create_app
+
+    run = engine.start_now("w.checkout", {"order": 12})
+    drain(engine)
+    page = TestClient(create_app(engine.engine, engine.tables, saga=engine)).get(
+        f"/runs/{run.run_id}"
+    )
+    assert page.status_code == 200
+    assert "state-suspended" in page.text
+    assert "waits for signal <code>payment_captured</code> until" in page.text
+
+
+def test_a_signal_sent_while_its_wait_begins_is_not_missed(engine: Saga) -> None:
+    import threading
+
+    from sqlalchemy import text
+
+    from saga.core.attempts import AttemptRef
+    from saga.waits import Suspension
+    from tests.support.waiting import wait_until
+
+    def blocked() -> bool:
+        with engine.engine.connect() as conn:
+            return bool(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock'"
+            )).scalar_one())
+
+    wf = engine.registry.get("w.first")
+    run = engine.start_now("w.first", {})
+    ref = AttemptRef(run.run_id, "step", "go", 1)
+    with engine.autocommit() as conn:  # a worker has claimed the wait, not begun it yet
+        claim = engine.transitions.claim(
+            conn, ref, workflow=wf.name, version=wf.version, definition_hash=wf.definition_hash,
+            deps=(), lease_seconds=30, token="w:1",
+        )
+    assert claim is not None and claim.claimed
+    runner = wf["go"].runner
+    assert isinstance(runner, WaitStep)
+    ctx = StepContext(run_id=run.run_id, workflow=wf.name, step="go", kind="step", attempt=1,
+                      input={}, results={}, idempotency_key="k")
+    begun: list[Suspension] = []
+    worker = threading.Thread(target=lambda: begun.append(engine.waits.begin(ref, "w:1",
+                                                                             runner, ctx)))
+    with Session(engine.engine) as session, session.begin():
+        # The step is running, not suspended: the signal is stored, for the wait to find.
+        assert engine.signal(session, run.run_id, "go", "just in time") == "stored"
+        worker.start()  # the wait begins while the signal is not committed yet
+        wait_until(blocked, timeout=20, message="the wait did not wait for the signal's lock")
+    worker.join(timeout=30)
+    assert begun == [Suspension(result='"just in time"')]  # completes with it, not suspended
+    assert _state(engine, run.run_id, "go") == "running"
