@@ -214,7 +214,9 @@ class Saga:
         result: ``"delivered"``. Else it is kept for a wait that begins later: ``"stored"``. A
         second signal of the same name to the run is ignored: ``"duplicate"``. A run that is
         not running (finished, stopping) refuses it: :class:`~saga.errors.SignalRefusedError`.
-        The run's workflow must be registered here (as for :meth:`start`)."""
+        The run's workflow must be registered here (as for :meth:`start`). The run's row stays
+        locked until the caller's transaction ends (a wait beginning meanwhile waits for it to
+        see the signal): keep that transaction short."""
         conn = target.connection() if isinstance(target, Session) else target
         return self.waits.signal(cast(Connection, conn), run, name, payload)
 

@@ -316,3 +316,42 @@ def test_a_signal_sent_while_its_wait_begins_is_not_missed(engine: Saga) -> None
     worker.join(timeout=30)
     assert begun == [Suspension(result='"just in time"')]  # completes with it, not suspended
     assert _state(engine, run.run_id, "go") == "running"
+
+
+class _Collect:
+    """A relay publisher that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, str]] = []
+
+    def publish(self, envelope: Any) -> None:
+        self.steps.append((envelope.message.run_id, envelope.message.step))
+
+
+def test_the_relay_fires_a_due_timer_and_publishes_the_step_after_it(db_url: str) -> None:
+    import threading
+
+    from saga.relay import Relay
+    from tests.support.waiting import wait_until
+
+    wf = Workflow("w.short", retry=NOW)
+    wf.sleep("nap", for_=timedelta(milliseconds=300))
+    wf.add_step("after", lambda ctx: ctx.results["nap"], after=["nap"])
+    eng = create_engine(db_url)
+    saga = Saga(Registry(wf), engine=eng, settings=Settings())
+    collect = _Collect()
+    relay = Relay(saga, collect, poll_interval=0.2)
+    loop = threading.Thread(target=relay.run)
+    try:
+        run = saga.start_now("w.short", {})
+        drain(saga)  # the nap is suspended: no message is left
+        assert _state(saga, run.run_id, "nap") == "suspended"
+        loop.start()
+        wait_until(lambda: (run.run_id, "after") in collect.steps, timeout=20,
+                   message="the relay did not fire the timer")
+        assert _state(saga, run.run_id, "nap") == "completed"
+        assert _state(saga, run.run_id, "after") == "ready"
+    finally:
+        relay.stop()
+        loop.join(timeout=10)
+        eng.dispose()
