@@ -171,8 +171,8 @@ class Relay:
         the steps they make ready go out with the next batch."""
         try:
             woke = self.saga.waits.fire_due(self.batch_size)
-        except (OperationalError, DBAPIError) as exc:
-            logs.event(log, logging.WARNING, f"firing timers failed: {type(exc).__name__}")
+        except Exception as exc:  # logged, never the relay's end: it tries again later
+            logs.event(log, logging.WARNING, f"firing timers failed: {logs.describe(exc)}")
             woke = 0
         # More may be due (a full batch); else the next wait reads when the next one is.
         self._wake_due = 0.0 if woke >= self.batch_size else time.monotonic() + self.poll_interval

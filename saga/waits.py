@@ -187,7 +187,11 @@ class Waits:
             def wake(c: Connection, w: Workflow = wf, r: str = run_id, s: str = step) -> int:
                 return self._wake_in_tx(c, w, r, ahead, step=s)
 
-            woke += self.saga.in_transaction(wake)
+            try:
+                woke += self.saga.in_transaction(wake)
+            except Exception as exc:  # one bad row must not keep the others asleep
+                logs.event(log, logging.ERROR, f"could not wake a step: {logs.describe(exc)}",
+                           run_id=run_id, workflow=wf.name, step=step)
         return woke
 
     def shift(self, seconds: float) -> None:

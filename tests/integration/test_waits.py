@@ -355,3 +355,22 @@ def test_the_relay_fires_a_due_timer_and_publishes_the_step_after_it(db_url: str
         relay.stop()
         loop.join(timeout=10)
         eng.dispose()
+
+
+def test_a_timer_that_cannot_be_woken_is_logged_and_the_others_still_wake(
+    engine: Saga, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import text
+
+    clock = FakeClock(engine)
+    broken = engine.start_now("w.until", {"at": "2099-01-01T00:00:00+00:00"})
+    fine = engine.start_now("w.until", {"at": "2099-01-01T00:00:01+00:00"})
+    drain(engine)
+    # A row the database refuses to wake (as a bug or a bad row would).
+    with engine.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE saga.step_runs ADD CONSTRAINT no_nap_of_broken CHECK "
+                          f"(NOT (run_id = '{broken.run_id}' AND state = 'running'))"))
+    clock.advance(timedelta(days=365 * 80))
+    assert engine.get_run(fine.run_id)["state"] == "completed"
+    assert _state(engine, broken.run_id, "nap") == "suspended"
+    assert "could not wake a step" in caplog.text
