@@ -91,3 +91,13 @@ def test_a_sleep_until_must_give_an_aware_time() -> None:
     with pytest.raises(ValueError, match="aware datetime"):
         sleep.wake_at(_ctx(input={"at": "2026-01-01T00:00:00"}), now)
     assert Sleep(seconds=60).wake_at(_ctx(), now) == now + timedelta(minutes=1)
+
+
+def test_a_fake_clock_does_not_go_back() -> None:
+    from saga import Registry, Saga
+    from saga.testing import FakeClock
+
+    clock = FakeClock(Saga(Registry(), database_url="postgresql://127.0.0.1/not_used"))
+    with pytest.raises(ValueError, match="does not go back"):
+        clock.advance(timedelta(seconds=-1))
+    assert clock.moved == timedelta(0)
