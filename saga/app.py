@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine
@@ -29,6 +29,7 @@ from saga.settings import Settings
 from saga.starting import Executes, Started, Starter
 from saga.store.base import Row, Tables
 from saga.transitions import Transitions
+from saga.waits import Waits
 
 if TYPE_CHECKING:  # the asyncio extension needs greenlet (saga[async])
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -85,6 +86,8 @@ class Saga:
         self.tables = Tables(self.settings.schema)
         self.transitions = Transitions(self.tables)
         self.lifecycle = Lifecycle(self.tables, registry)
+        self.waits = Waits(self)
+        """Suspended steps: timers, signal waits and signals (:mod:`saga.waits`)."""
         self._starter = Starter(self.tables, self.settings)
         self.dispatcher: Dispatcher | None = None
         """Publishes what starts and completions make ready after their commit (set by
@@ -200,6 +203,27 @@ class Saga:
                 session, run["workflow"], run["input"], key=key,
                 key_policy=KeyPolicy.NEW_AFTER_FINISH,
             )
+
+    def signal(
+        self, target: Session | Connection | Executes, run: str, name: str, payload: Any = None
+    ) -> str:
+        """Send the signal ``name`` with its ``payload`` (JSON, checked like a run's input) to
+        the run whose id or business key is ``run``, in the caller's transaction (``target``,
+        their Session or Connection), so it is atomic with their own write. A step waiting for
+        it (``Workflow.wait_for_signal``) completes in that transaction, with the payload as its
+        result: ``"delivered"``. Else it is kept for a wait that begins later: ``"stored"``. A
+        second signal of the same name to the run is ignored: ``"duplicate"``. A run that is
+        not running (finished, stopping) refuses it: :class:`~saga.errors.SignalRefusedError`.
+        The run's workflow must be registered here (as for :meth:`start`). The run's row stays
+        locked until the caller's transaction ends (a wait beginning meanwhile waits for it to
+        see the signal): keep that transaction short."""
+        conn = target.connection() if isinstance(target, Session) else target
+        return self.waits.signal(cast(Connection, conn), run, name, payload)
+
+    def signal_now(self, run: str, name: str, payload: Any = None) -> str:
+        """:meth:`signal` in a transaction of its own, committed when this returns."""
+        with Session(self.engine) as session, session.begin():
+            return self.signal(session, run, name, payload)
 
     def handle(self, ref: str) -> RunHandle:
         """A handle on the run whose id or business key (its newest run) is ``ref``, to

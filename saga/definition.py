@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any, Never, TypeVar
 
+from saga.codec import check_storable
 from saga.context import JSON, StepContext
 from saga.core import graph
-from saga.errors import DefinitionError
+from saga.errors import DefinitionError, InputError
 from saga.keys import KeyPolicy, key_policy
 from saga.retry import DEFAULT_RETRY, RetryPolicy
 from saga.steps import (
     CeleryTaskStep,
     FunctionStep,
+    Sleep,
     StepRunner,
     TransactionalStep,
+    WaitForSignal,
+    WaitStep,
     is_transactional,
 )
+from saga.steps.waits import NO_DEFAULT
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,99}$")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -250,6 +257,10 @@ class Workflow:
             current = self._steps[target]
             if current.compensation is not None:
                 raise DefinitionError(self.name, "already has a compensation", (target,))
+            if isinstance(current.runner, WaitStep):
+                raise DefinitionError(
+                    self.name, "a wait has nothing to undo: no compensation", (target,)
+                )
             runner = _as_runner(self.name, target, "compensate", fn)
             self._assert_open(target)
             self._steps[target] = Step(**{**current.__dict__, "compensation": runner})
@@ -257,6 +268,44 @@ class Workflow:
             return fn
 
         return decorate
+
+    def sleep(
+        self,
+        name: str,
+        *,
+        for_: timedelta | float | None = None,
+        until: Callable[[StepContext], datetime] | None = None,
+        after: Iterable[StepRef] = (),
+    ) -> Step:
+        """Declare a durable sleep: for a duration (``for_``, a ``timedelta`` or seconds) from
+        when it starts, or ``until`` a time computed from the context (an aware ``datetime``
+        from the input or an earlier result). No worker is held while it sleeps; the relay
+        wakes it within about a second of its time, across restarts of everything."""
+        if (for_ is None) == (until is None):
+            raise DefinitionError(self.name, "a sleep needs exactly one of for_ or until",
+                                  (str(name),))
+        seconds = None if for_ is None else _seconds(self.name, str(name), "for_", for_)
+        return self.add_step(name, Sleep(seconds=seconds, until=until), after=after)
+
+    def wait_for_signal(
+        self,
+        name: str,
+        *,
+        signal: str,
+        timeout: timedelta | float,
+        default: JSON = NO_DEFAULT,
+        after: Iterable[StepRef] = (),
+        retry: RetryPolicy | None = None,
+    ) -> Step:
+        """Declare a step that waits for the run's signal ``signal`` (:meth:`saga.Saga.signal`;
+        one sent before the wait began counts) and returns its payload. Past ``timeout`` the
+        attempt fails (retried under ``retry``, then the run compensates) or, with a
+        ``default``, the step completes with that value. No worker is held while it waits."""
+        seconds = _seconds(self.name, str(name), "timeout", timeout)
+        return self.add_step(
+            name, WaitForSignal(signal=signal, timeout=seconds, default=default), after=after,
+            retry=retry,
+        )
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -390,3 +439,47 @@ class Workflow:
             raise DefinitionError(self.name, "priority must be an int from 0 to 9", (name,))
         if s.time_limit is not None:
             self._check_limit("time_limit", s.time_limit, name)
+        if isinstance(s.runner, WaitStep):
+            self._check_wait(s.runner, s)
+
+    def _check_wait(self, runner: WaitStep, s: Step) -> None:
+        where = (s.name,)
+        if s.compensation is not None:
+            raise DefinitionError(self.name, "a wait has nothing to undo: no compensation", where)
+        if isinstance(runner, Sleep):
+            if (runner.seconds is None) == (runner.until is None):
+                raise DefinitionError(self.name, "a sleep needs exactly one of for_ or until",
+                                      where)
+            if runner.seconds is not None:
+                _seconds(self.name, s.name, "for_", runner.seconds)
+            if runner.until is not None and not callable(runner.until):
+                raise DefinitionError(self.name, "until must be a function of the context",
+                                      where)
+        if isinstance(runner, WaitForSignal):
+            if not isinstance(runner.signal, str) or not _NAME.match(runner.signal):
+                raise DefinitionError(
+                    self.name, f"signal name {runner.signal!r} must match {_NAME.pattern}", where
+                )
+            _seconds(self.name, s.name, "timeout", runner.timeout)
+            if runner.has_default:
+                try:
+                    check_storable(runner.default, workflow=self.name, field="default")
+                except InputError as exc:
+                    raise DefinitionError(
+                        self.name, f"default is not storable JSON: {exc}", where
+                    ) from None
+
+
+def _seconds(workflow: str, step: str, what: str, value: object) -> float:
+    """A duration given as a ``timedelta`` or a number of seconds, in seconds (> 0, finite)."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not math.isfinite(seconds)
+        or seconds <= 0
+    ):
+        raise DefinitionError(
+            workflow, f"{what} must be a timedelta or seconds > 0, got {value!r}", (step,)
+        )
+    return float(seconds)

@@ -68,6 +68,18 @@ class InvalidTransitionError(SagaError):
     """An operator action does not apply to the run's state (e.g. cancelling a finished run)."""
 
 
+class SignalRefusedError(SagaError):
+    """A signal was sent to a run that is not running (finished, stopping, or waiting for an
+    operator): nothing waits for it, so it is refused rather than kept. ``state`` is the run's
+    state."""
+
+    def __init__(self, run_id: str, state: str, name: str) -> None:
+        self.run_id = run_id
+        self.state = state
+        self.name = name
+        super().__init__(f"run {run_id} is {state}: it takes no signal {name!r}")
+
+
 class DefinitionMismatchError(SagaError):
     """A run was started with another definition of its workflow than the one registered here."""
 

@@ -30,7 +30,7 @@ from saga.dispatch import Dispatcher
 from saga.errors import SagaError, UnknownWorkflowError, error_document
 from saga.heartbeat import Heartbeat, Lease
 from saga.messages import MalformedMessageError, Publisher, StepMessage
-from saga.steps import TaskCaller, TransactionalStep
+from saga.steps import TaskCaller, TransactionalStep, WaitStep
 from saga.timeouts import Watchdog, time_limit
 from saga.transitions import Claim, Completion
 
@@ -110,7 +110,7 @@ class Executor:
         deadline: float | None = None,
     ) -> str:
         """Run the attempt a message names (and the steps it chains); returns the outcome of
-        that attempt (``completed``, ``retry_scheduled``, ``failed``, ``duplicate``,
+        that attempt (``completed``, ``suspended``, ``retry_scheduled``, ``failed``, ``duplicate``,
         ``deferred``, ``malformed``, ``unknown``, or ``error`` when the outcome could not be
         recorded). ``carrier`` holds the message's trace headers, when the transport kept
         them; ``deadline`` is when the transport kills this delivery (monotonic)."""
@@ -227,6 +227,8 @@ class Executor:
         )
         if isinstance(runner, TransactionalStep):
             return self._run_in_transaction(wf, claim, token, lease, delivery, runner, ctx)
+        if isinstance(runner, WaitStep):
+            return self._wait(wf, claim, token, delivery, runner, ctx)
         try:
             result_json = self._call(wf, runner, ctx, delivery)
         except Exception as exc:
@@ -235,6 +237,20 @@ class Executor:
             logs.event(log, logging.WARNING, "completion refused: the lease was lost", **fields)
             return "duplicate", None
         return self._complete(wf, claim, token, result_json, delivery)
+
+    def _wait(
+        self, wf: Workflow, claim: Claim, token: str, delivery: Delivery, runner: WaitStep,
+        ctx: StepContext,
+    ) -> tuple[str, tuple[Claim, str] | None]:
+        """Suspend a sleep or a signal wait (no worker waits with it), or complete it now if
+        its signal came or its time passed already."""
+        try:
+            begun = self.saga.waits.begin(claim.ref, token, runner, ctx)
+        except Exception as exc:  # the sleep's until() failed: the step's own error
+            return self._fail(wf, claim, exc, self._retryable(wf, claim.ref, exc)), None
+        if begun.result is not None:
+            return self._complete(wf, claim, token, begun.result, delivery)
+        return "suspended", None
 
     def _call(self, wf: Workflow, runner: Any, ctx: StepContext, delivery: Delivery) -> str:
         """Run the step's code under its time limit; its result as stored JSON."""

@@ -4,7 +4,9 @@ It takes unpublished outbox rows in batches (``FOR UPDATE SKIP LOCKED`` inside o
 statement, so several relays can run), publishes each outside any transaction, then marks them
 published. It wakes on
 ``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
-with backoff. On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
+with backoff. It fires durable timers (suspended steps whose ``wake_at`` passed,
+:mod:`saga.waits`) within about a second. On SIGTERM it finishes its batch and exits 0. It
+also runs the sweeper.
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ class Relay:
         self._listener: psycopg.Connection[Any] | None = None
         self._conn: Connection | None = None
         self._next_due_sql = self.saga.lifecycle.outbox.next_due_sql
+        self._next_wake_sql = self.saga.waits.next_wake_sql
+        self._wake_due = 0.0
+        """Monotonic time of the next suspended step's wake, as last read (0: look now)."""
 
     # -- one batch ---------------------------------------------------------------------------
 
@@ -144,6 +149,8 @@ class Relay:
             except tenacity.RetryError:
                 break
             now = time.monotonic()
+            if now >= self._wake_due:
+                self._fire_timers()
             if now - last_sweep >= self.sweep_interval:
                 last_sweep = now
                 try:
@@ -158,6 +165,17 @@ class Relay:
         self.housekeeping.stop()
         metrics.unobserve(self.saga)
         logs.event(log, logging.INFO, "relay stopped")
+
+    def _fire_timers(self) -> None:
+        """Wake the suspended steps whose time has come (sleeps end, signal waits time out);
+        the steps they make ready go out with the next batch."""
+        try:
+            woke = self.saga.waits.fire_due(self.batch_size)
+        except Exception as exc:  # logged, never the relay's end: it tries again later
+            logs.event(log, logging.WARNING, f"firing timers failed: {logs.describe(exc)}")
+            woke = 0
+        # More may be due (a full batch); else the next wait reads when the next one is.
+        self._wake_due = 0.0 if woke >= self.batch_size else time.monotonic() + self.poll_interval
 
     def _backoff(self, seconds: float) -> None:
         self.housekeeping.presence.beat()  # backing off is being alive: the outbox warns
@@ -177,7 +195,8 @@ class Relay:
         )
 
     def _wait(self) -> None:
-        """Sleep until a NOTIFY, the next due retry, or the poll interval, whichever is first."""
+        """Sleep until a NOTIFY, the next due retry, the next suspended step's wake, or the poll
+        interval, whichever is first."""
         timeout = self.poll_interval
         try:
             listener = self._listen()
@@ -186,6 +205,11 @@ class Relay:
             due = None if found is None or found[0] is None else float(found[0])
             if due is not None:
                 timeout = max(0.0, min(timeout, due - self.lookahead))
+            found = listener.execute(self._next_wake_sql).fetchone()
+            if found is not None and found[0] is not None:
+                wake = max(0.0, float(found[0]))
+                self._wake_due = time.monotonic() + wake
+                timeout = min(timeout, wake)
             if timeout <= 0:
                 return
             for _ in listener.notifies(timeout=timeout, stop_after=1):

@@ -161,6 +161,8 @@ def _step_doc(row: Row, now: datetime) -> dict[str, Any]:
         "worker": row["worker"],
         "lease_expires_at": row["lease_expires_at"],
         "due_at": row["due_at"],
+        "wake_at": row.get("wake_at"),
+        "signal": row.get("signal"),
         "error_message": message,
         "error": error,
         "result": row["result"],

@@ -23,6 +23,7 @@ MERMAID_STYLES = {
     "ready": "fill:#e1f5fe,stroke:#0277bd",
     "waiting": "fill:#eeeeee,stroke:#9e9e9e",
     "skipped": "fill:#f5f5f5,stroke:#bdbdbd,stroke-dasharray:3",
+    "suspended": "fill:#ede7f6,stroke:#5e35b1,stroke-dasharray:5",
 }
 DOT_COLOURS = {
     "completed": "#c8e6c9",
@@ -31,6 +32,7 @@ DOT_COLOURS = {
     "ready": "#e1f5fe",
     "waiting": "#eeeeee",
     "skipped": "#f5f5f5",
+    "suspended": "#ede7f6",
 }
 
 

@@ -16,6 +16,7 @@ from saga.cli.options import set_config
 from saga.errors import (
     InvalidTransitionError,
     SagaError,
+    SignalRefusedError,
     UnknownRunError,
     UnknownWorkflowError,
 )
@@ -84,7 +85,7 @@ def report(exc: BaseException, config: Config) -> ExitCode:
     if isinstance(exc, UnknownRunError | UnknownWorkflowError):
         _error(str(exc), config)
         return ExitCode.NOT_FOUND
-    if isinstance(exc, InvalidTransitionError):
+    if isinstance(exc, InvalidTransitionError | SignalRefusedError):
         _error(str(exc), config)
         return ExitCode.INVALID_STATE
     if isinstance(exc, OperationalError) or (

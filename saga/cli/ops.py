@@ -1,9 +1,10 @@
 """Commands that change things: operator actions on runs (``retry``, ``rerun``, ``cancel``,
-``resolve``), migrations (``saga db``) and the relay."""
+``resolve``), signals (``signal``), migrations (``saga db``) and the relay."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -252,5 +253,31 @@ def relay(
     )
 
 
-COMMANDS = (retry, rerun, cancel, resolve, db, relay)
+@click.command()
+@click.argument("run")
+@click.argument("name")
+@click.option("--data", "data", default="null", metavar="JSON",
+              help="The signal's payload, a JSON document [default null].")
+@json_option
+@app_option
+@db_options
+@click.pass_context
+def signal(ctx: click.Context, run: str, name: str, data: str, as_json: bool) -> None:
+    """Send the run (id or business key) the signal NAME with a JSON payload: a step waiting
+    for it completes; one sent early is kept for its wait; a duplicate is ignored. A run that
+    is not running refuses it (exit 4)."""
+    try:
+        payload = json.loads(data)
+    except ValueError as exc:
+        raise CliError(f"--data is not JSON: {exc}", ExitCode.USAGE) from None
+    saga, row = _engine_run(config_of(ctx), run)
+    outcome = saga.signal_now(str(row["id"]), name, payload)
+    out = output_of(ctx)
+    if as_json:
+        out.json({"run_id": row["id"], "signal": name, "outcome": outcome})
+    else:
+        out.line(f"run {row['id']} ({row['workflow']}): signal {name!r} {outcome}")
+
+
+COMMANDS = (retry, rerun, cancel, resolve, signal, db, relay)
 """The commands this module adds to ``saga``."""

@@ -25,6 +25,7 @@ STATE_STYLES = {
     "waiting": "bright_black",
     "ready": "cyan",
     "skipped": "bright_black",
+    "suspended": "blue",
 }
 """The colour of each run and step state in a terminal."""
 

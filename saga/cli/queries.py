@@ -49,7 +49,7 @@ ORDER BY created_at DESC LIMIT :limit
 _OPERATOR_COUNT = "SELECT count(*) FROM {runs} WHERE state = 'compensation_failed'"
 _STEPS = """
 SELECT kind, step, state, attempt, first_attempt, worker, created_at, started_at, finished_at,
-       due_at, lease_expires_at, error, result
+       due_at, lease_expires_at, wake_at, signal, error, result
 FROM {steps} WHERE run_id = :id
 ORDER BY kind DESC, started_at NULLS LAST, step
 """

@@ -149,6 +149,16 @@ def _bounded(value: Any, full: bool, width: int = 100) -> str:
     return text if full else one_line(text, width)
 
 
+def _waits(step: dict[str, Any]) -> str | None:
+    """What a suspended step waits for, shown in place of its (not yet known) result."""
+    if step.get("state") != "suspended":
+        return None
+    until = fmt_time(step.get("wake_at"))
+    if step.get("signal"):
+        return f"waits for signal {step['signal']!r} until {until}"
+    return f"sleeps until {until}"
+
+
 def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
     run = doc["run"]
     error = doc["latest_error"]
@@ -176,7 +186,8 @@ def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
             [
                 [s["step"], s["state"], s["attempt"], fmt_time(s["started_at"]),
                  fmt_duration(s["duration_seconds"]),
-                 _bounded(s["result"], full, 40), one_line(s["error_message"] or "-", 60)]
+                 _waits(s) or _bounded(s["result"], full, 40),
+                 one_line(s["error_message"] or "-", 60)]
                 for s in rows
             ],
             state_column=1,

@@ -11,7 +11,8 @@ machine::
     waiting --dependencies_done--> ready --claimed--> running --completed--> completed
                                      ^                  |  |
                                      +--retry_scheduled-+  +--failed--> failed
-    waiting|ready --run_stopped--> skipped
+    running --suspended--> suspended --woken--> running      (a sleep or a signal wait)
+    waiting|ready|suspended --run_stopped--> skipped
     failed|skipped|completed|waiting|ready --operator_retry--> ready|waiting
 
 A run::
@@ -44,10 +45,14 @@ RUN_STATES = (
 )
 """Every state a run can be in (the database constrains the column to these)."""
 
-STEP_STATES = ("waiting", "ready", "running", "completed", "failed", "skipped")
+STEP_STATES = (
+    "waiting", "ready", "running", "completed", "failed", "skipped", "suspended",
+)
 """Every state a step or compensation row can be in: ``waiting`` for dependencies, ``ready``
 with a message in the outbox, ``running`` under a lease renewed by its worker's heartbeat,
-then ``completed`` or ``failed``; ``skipped`` when the run stopped before it ran again."""
+then ``completed`` or ``failed``; ``skipped`` when the run stopped before it ran again;
+``suspended`` while a sleep or a signal wait waits (no worker, no lease: a ``wake_at`` the relay
+fires, or a signal)."""
 
 KINDS = ("step", "compensation")
 """A step row runs a step's code; a compensation row undoes it."""
@@ -93,7 +98,9 @@ TRANSITIONS: tuple[Transition, ...] = (
     *_edges("step", ["running"], "completed", "completed"),
     *_edges("step", ["running"], "retry_scheduled", "ready"),
     *_edges("step", ["running"], "failed", "failed"),
-    *_edges("step", ["waiting", "ready"], "run_stopped", "skipped"),
+    *_edges("step", ["running"], "suspended", "suspended"),
+    *_edges("step", ["suspended"], "woken", "running"),
+    *_edges("step", ["waiting", "ready", "suspended"], "run_stopped", "skipped"),
     *_edges(
         "step", ["failed", "skipped", "completed", "waiting", "ready"], "operator_retry", "ready"
     ),

@@ -15,6 +15,7 @@ STROKE = {
     "failed": "#c62828",
     "running": "#1565c0",
     "ready": "#0277bd",
+    "suspended": "#5e35b1",
 }
 
 

@@ -132,6 +132,12 @@ class StepRun(Base):
             "lease_expires_at",
             postgresql_where=text("state = 'running'"),
         ),
+        # The relay's timer query: suspended rows by due time (a sleep's end, a wait's timeout).
+        Index(
+            "ix_step_runs_suspended_wake_at",
+            "wake_at",
+            postgresql_where=text("state = 'suspended'"),
+        ),
     )
 
     run_id: Mapped[uuid.UUID] = mapped_column(
@@ -148,9 +154,27 @@ class StepRun(Base):
     due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     worker: Mapped[str | None] = mapped_column(Text)
+    wake_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    """While ``suspended``: when the relay wakes it (a sleep's end, a signal wait's timeout)."""
+    signal: Mapped[str | None] = mapped_column(String(100))
+    """While ``suspended`` waiting for a signal: the signal's name."""
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Signal(Base):
+    """A named event sent to a run (``Saga.signal``), kept until the run is pruned: a wait that
+    starts later finds it, and a second signal of the same name is ignored (the key)."""
+
+    __tablename__ = "signals"
+
+    run_id: Mapped[uuid.UUID] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    payload: Mapped[Any | None] = mapped_column(JSONB)
+    received_at: Mapped[datetime] = _now()
 
 
 class OutboxMessage(Base):

@@ -57,6 +57,9 @@ HISTORY_EVENTS = (
     "operator_retry",
     "operator_resolved",
     "deadline_exceeded",
+    "step_suspended",
+    "step_woken",
+    "signal_received",
 )
 
 

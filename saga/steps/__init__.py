@@ -5,13 +5,17 @@ from saga.steps.base import StepRunner, TaskCaller
 from saga.steps.celery_task import CeleryTaskStep
 from saga.steps.function import FunctionStep
 from saga.steps.transactional import TransactionalStep, is_transactional, transactional
+from saga.steps.waits import Sleep, WaitForSignal, WaitStep
 
 __all__ = [
     "CeleryTaskStep",
     "FunctionStep",
+    "Sleep",
     "StepRunner",
     "TaskCaller",
     "TransactionalStep",
+    "WaitForSignal",
+    "WaitStep",
     "is_transactional",
     "transactional",
 ]

@@ -46,6 +46,11 @@ class Tables:
         return f'"{self.schema}".processes'
 
     @property
+    def signals(self) -> str:
+        """``"schema".signals``."""
+        return f'"{self.schema}".signals'
+
+    @property
     def run_counts(self) -> str:
         """``"schema".run_counts``."""
         return f'"{self.schema}".run_counts'
@@ -68,12 +73,12 @@ class Tables:
 
     def sql(self, template: str) -> TextClause:
         """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}``,
-        ``{processes}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in, its comments
-        and runs of white space removed: psycopg caches the parsing of a statement only up to
-        4 KB of text, and the hot path's statements must stay cached."""
+        ``{processes}``, ``{signals}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in,
+        its comments and runs of white space removed: psycopg caches the parsing of a statement
+        only up to 4 KB of text, and the hot path's statements must stay cached."""
         filled = template.format(
             runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history,
-            processes=self.processes, run_counts=self.run_counts,
+            processes=self.processes, signals=self.signals, run_counts=self.run_counts,
             run_count_deltas=self.run_count_deltas,
         )
         return text(squeeze(filled))

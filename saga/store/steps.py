@@ -27,8 +27,8 @@ WHERE run_id = :run_id AND kind = :kind AND step = :step AND state = 'running'
 RETURNING attempt, due_at
 """
 _SKIP_UNSTARTED = """
-UPDATE {steps} SET state = 'skipped', finished_at = now()
-WHERE run_id = :run_id AND kind = 'step' AND state IN ('waiting', 'ready')
+UPDATE {steps} SET state = 'skipped', finished_at = now(), wake_at = NULL
+WHERE run_id = :run_id AND kind = 'step' AND state IN ('waiting', 'ready', 'suspended')
 RETURNING step
 """
 _INSERT = """

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from saga import PermanentError, Registry, RetryPolicy, Saga, Settings, StepCont
 from saga.codec import dumps
 from saga.core import states
 from saga.core.attempts import AttemptRef
-from saga.testing import drain
+from saga.testing import FakeClock, drain, send_signal
 
 TOKEN = "walk:token"
 NOW = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.01, jitter=0.0)
@@ -47,7 +48,10 @@ def _workflows() -> list[Workflow]:
     plain = Workflow("walk.plain", retry=NOW)  # nothing to undo
     plain.add_step("x", _act)
     plain.add_step("y", _act, after=["x"])
-    return [wf, plain]
+    waits = Workflow("walk.waits", retry=NOW)  # suspended, then woken by a signal and a timer
+    waits.wait_for_signal("paid", signal="paid", timeout=60)
+    waits.sleep("nap", for_=60, after=["paid"])
+    return [wf, plain, waits]
 
 
 @pytest.fixture
@@ -101,12 +105,20 @@ def _statements(saga: Saga) -> dict[str, Callable[[Connection, str], object]]:
         "failed": lambda c, r: steps.fail_attempt(c, r, "step", "a", 1, {"m": "x"}),
         "retry_scheduled": lambda c, r: steps.retry_attempt(c, r, "step", "a", 1, {}, 0.0),
         "run_stopped": steps.skip_unstarted,
+        "suspended": lambda c, r: saga.waits.suspend(
+            c, ref(r), TOKEN, seconds=60, until=None, signal=None
+        ),
+        "woken": lambda c, r: saga.waits.wake(c, r, "waker", "a"),
         "operator_retry": lambda c, r: steps.reset(c, r, "step", {"a": 0}),
     }
 
 
 @pytest.mark.parametrize(
-    "event", ["claimed", "completed", "failed", "retry_scheduled", "run_stopped", "operator_retry"]
+    "event",
+    [
+        "claimed", "completed", "failed", "retry_scheduled", "run_stopped", "operator_retry",
+        "suspended", "woken",
+    ],
 )
 def test_a_step_statement_moves_a_row_only_along_its_event_in_the_table(
     walk: Saga, event: str
@@ -177,6 +189,11 @@ def test_every_state_change_the_engine_makes_is_in_the_table(walk: Saga) -> None
         then=lambda r: walk.resolve(r, "refunded by hand"),
     ) == "resolved"
     assert run({"step:a": "cancel", "compensation:a": "always"}, then=walk.retry) == "cancelled"
+    waiting = walk.start_now("walk.waits", {}).run_id
+    drain(walk)
+    send_signal(walk, waiting, "paid", {"ok": True})
+    FakeClock(walk).advance(timedelta(seconds=61))
+    assert walk.get_run(waiting)["state"] == "completed"
     started = walk.start_now("walk.diamond", {}).run_id
     walk.cancel(started)
     drain(walk)

@@ -15,7 +15,7 @@ from saga.db.models import Base
 
 SAGA_TABLES = {
     "runs", "step_runs", "outbox", "history", "processes", "run_counts", "run_count_deltas",
-    "run_waiters",
+    "run_waiters", "signals",
 }
 
 
@@ -177,3 +177,34 @@ def test_the_template_database_is_migrated(engine: Any) -> None:
     assert migrate.current(engine) == migrate.head()
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM saga.runs")).scalar_one() == 0
+
+
+def test_downgrading_below_waits_takes_suspended_steps_and_signals_away(empty_db_url: str) -> None:
+    import uuid
+
+    migrate.upgrade(empty_db_url)
+    run_id = uuid.uuid4()
+    engine = create_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
+                " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
+            conn.execute(text(
+                "INSERT INTO saga.step_runs (run_id, kind, step, state, attempt, pending_deps,"
+                " wake_at, signal) VALUES (:id, 'step', 'paid', 'suspended', 1, 0,"
+                " now() + interval '1 hour', 'paid')"), {"id": run_id})
+            conn.execute(text("INSERT INTO saga.signals (run_id, name) VALUES (:id, 'other')"),
+                         {"id": run_id})
+            conn.execute(text("INSERT INTO saga.history (run_id, event) VALUES"
+                              " (:id, 'step_suspended')"), {"id": run_id})
+        migrate.downgrade(empty_db_url, revision="0004")
+        with engine.connect() as conn:
+            state = conn.execute(text("SELECT state FROM saga.step_runs")).scalar_one()
+            events = conn.execute(text("SELECT count(*) FROM saga.history")).scalar_one()
+        assert (state, events) == ("ready", 0)
+        assert "signals" not in tables(empty_db_url, "saga")
+        migrate.upgrade(empty_db_url)
+        assert migrate.current(empty_db_url) == migrate.head()
+    finally:
+        engine.dispose()

@@ -24,6 +24,7 @@ PUBLIC = {
     "Saga",
     "SagaError",
     "Settings",
+    "SignalRefusedError",
     "Started",
     "Step",
     "StepContext",
