@@ -19,6 +19,7 @@ from saga.errors import (
     RetryableError,
     RunFailedError,
     SagaError,
+    ScheduleError,
     StepError,
     UnknownRunError,
     UnknownWorkflowError,
@@ -28,6 +29,7 @@ from saga.handles import RunHandle
 from saga.keys import KeyPolicy
 from saga.registry import Registry
 from saga.retry import RetryPolicy
+from saga.schedules import Schedule
 from saga.settings import Settings
 from saga.starting import Started
 from saga.steps import CeleryTaskStep, FunctionStep, TransactionalStep, transactional
@@ -59,6 +61,8 @@ __all__ = [
     "RunHandle",
     "Saga",
     "SagaError",
+    "Schedule",
+    "ScheduleError",
     "Settings",
     "Started",
     "Step",

@@ -4,12 +4,17 @@
 process until nothing is left to do. It exercises the same claim/complete transitions as a
 Celery worker, so a workflow's logic, retries and compensations can be tested without starting
 processes. It does not test delivery (that is what the relay and Celery are for).
+
+:class:`FakeClock` stands still until advanced: hand it to :func:`fire_schedules` (or to
+:class:`~saga.scheduler.Scheduler`) to fire schedule slots at chosen times, or call
+:meth:`saga.Schedule.plan` with it, without waiting for real time to pass.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from saga.app import Saga
@@ -63,3 +68,33 @@ def drain(
             return publisher.outcomes
         time.sleep(min(max(due, 0.01), 0.5))
     raise TimeoutError(f"workflows still had messages after {timeout}s")
+
+
+class FakeClock:
+    """A clock for schedule tests, in UTC: calling it returns the time it was set to, which
+    only moves when :meth:`advance` or :meth:`set` moves it."""
+
+    def __init__(self, start: datetime | str = "2026-01-01T00:00:00+00:00") -> None:
+        self._now = _aware(start)
+
+    def __call__(self) -> datetime:
+        """The current fake time."""
+        return self._now
+
+    def advance(self, by: timedelta | float) -> datetime:
+        """Move the clock forward by ``by`` (a ``timedelta`` or seconds); the new time."""
+        step = by if isinstance(by, timedelta) else timedelta(seconds=by)
+        if step < timedelta(0):
+            raise ValueError("a clock does not go backwards")
+        self._now += step
+        return self._now
+
+    def set(self, when: datetime | str) -> datetime:
+        """Set the clock to ``when`` (an aware datetime or ISO 8601 text)."""
+        self._now = _aware(when)
+        return self._now
+
+
+def _aware(when: datetime | str) -> datetime:
+    value = datetime.fromisoformat(when) if isinstance(when, str) else when
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
