@@ -4,7 +4,8 @@ It takes unpublished outbox rows in batches (``FOR UPDATE SKIP LOCKED`` inside o
 statement, so several relays can run), publishes each outside any transaction, then marks them
 published. It wakes on
 ``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
-with backoff. On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
+with backoff. On SIGTERM it finishes its batch and exits 0. It also runs the sweeper, and
+fires the registry's schedules (:mod:`saga.scheduler`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from saga import logs, metrics, telemetry
 from saga.app import Saga
 from saga.housekeeping import Housekeeping
 from saga.messages import Envelope, Publisher, publish_in_order
+from saga.scheduler import Clock, Scheduler
 from saga.store.base import Row
 from saga.sweeper import Sweeper
 
@@ -45,6 +47,7 @@ class Relay:
         sweep_interval: float = 2.0,
         hold: float = 30.0,
         housekeeping: Housekeeping | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if batch_size < 1 or poll_interval <= 0:
             raise ValueError("batch_size must be >= 1 and poll_interval > 0")
@@ -58,6 +61,8 @@ class Relay:
         """Seconds a batch's rows are held for this relay while it publishes them."""
         self.sweeper = Sweeper(saga)
         self.housekeeping = housekeeping or Housekeeping(saga)
+        self.scheduler = Scheduler(saga, clock)
+        """Fires the registry's schedules' due slots on every turn of the loop."""
         self.stopping = threading.Event()
         self._listener: psycopg.Connection[Any] | None = None
         self._conn: Connection | None = None
@@ -151,6 +156,7 @@ class Relay:
                 except (OperationalError, DBAPIError) as exc:
                     logs.event(log, logging.WARNING, f"sweep failed: {type(exc).__name__}")
             self.housekeeping.tick()
+            self.scheduler.tick()
             if count < self.batch_size:
                 self._wait()
         self._close_listener()
@@ -177,8 +183,13 @@ class Relay:
         )
 
     def _wait(self) -> None:
-        """Sleep until a NOTIFY, the next due retry, or the poll interval, whichever is first."""
+        """Sleep until a NOTIFY, the next due retry, the next schedule slot, or the poll
+        interval, whichever is first."""
         timeout = self.poll_interval
+        slot_in = self.scheduler.seconds_to_next()
+        if slot_in is not None:
+            # A floor: a slot another relay holds (firing it) is "due" until that commits.
+            timeout = min(timeout, max(slot_in, 0.05))
         try:
             listener = self._listen()
             # On the LISTEN connection (autocommit): one round trip, no pool checkout.

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection, text
+
 from saga.app import Saga
 from saga.executor import Executor
 from saga.messages import Envelope
 from saga.relay import Relay
+from saga.scheduler import Scheduler
 from saga.steps import TaskCaller
 
 
@@ -68,6 +71,26 @@ def drain(
             return publisher.outcomes
         time.sleep(min(max(due, 0.01), 0.5))
     raise TimeoutError(f"workflows still had messages after {timeout}s")
+
+
+def fire_schedules(saga: Saga, clock: FakeClock) -> list[str]:
+    """Fire the registry's due schedule slots as a relay would at ``clock``'s time (the
+    first call writes the schedules, whose first slots then come after that time); the
+    business keys of the runs started, sorted. :func:`drain` then runs them."""
+    scheduler = Scheduler(saga, clock)
+    with saga.engine.connect() as conn:
+        before = _slot_keys(saga, conn)
+    scheduler.fire_due()
+    with saga.engine.connect() as conn:
+        return [k for k in _slot_keys(saga, conn) if k not in before]
+
+
+def _slot_keys(saga: Saga, conn: Connection) -> list[str]:
+    found = conn.execute(
+        text(f"SELECT business_key FROM {saga.tables.runs} WHERE business_key LIKE 'schedule:%' "
+             "ORDER BY business_key")
+    )
+    return [str(k) for k in found.scalars()]
 
 
 class FakeClock:
