@@ -200,3 +200,47 @@ def test_the_relay_loop_fires_slots_as_they_fall_due(saga_engine: Saga) -> None:
     keys = [k for k, _ in slot_runs(saga_engine, "looped")]
     assert len(keys) == len(set(keys))
     assert schedule_row(saga_engine, "looped")["fired"] == len(keys)
+
+
+def test_saga_schedules_lists_each_schedule_with_its_last_and_next_slot(
+    saga_engine: Saga, db_url: str
+) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from saga.cli.main import cli
+
+    def invoke(*args: str) -> Any:
+        return CliRunner().invoke(
+            cli, ["--plain", "--database-url", db_url, "schedules", *args],
+            catch_exceptions=False,
+        )
+
+    empty = invoke()
+    assert (empty.exit_code, empty.stdout.count("\n")) == (0, 1)  # the header alone
+    assert "no schedules" in empty.stderr
+    saga_engine.schedule(Schedule("nightly", "it.linear", cron="0 2 * * *", catch_up="all"))
+    saga_engine.schedule(Schedule("often", "it.linear", every=60))
+    clock = FakeClock("2026-12-04T20:00:30")
+    fire_schedules(saga_engine, clock)
+    clock.set("2026-12-04T20:01:00")
+    fire_schedules(saga_engine, clock)
+
+    table = invoke()
+    doc = json.loads(invoke("--json").stdout)
+
+    assert table.exit_code == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "WORKFLOW", "WHEN", "CATCH-UP"]
+    assert lines[1].startswith("nightly") and "cron 0 2 * * *" in lines[1]
+    assert "2026-12-05 02:00:00" in lines[1]
+    assert lines[2].startswith("often") and "2026-12-04 20:01:00" in lines[2]
+    assert [s["name"] for s in doc["schedules"]] == ["nightly", "often"]
+    often = doc["schedules"][1]
+    assert (often["spec"], often["catch_up"], often["fired"]) == ("every 60s", "skip", 1)
+    assert often["last_slot"].startswith("2026-12-04T20:01:00")
+    assert often["next_slot"].startswith("2026-12-04T20:02:00")
+    assert often["last_run_id"] == str(
+        saga_engine.get_run("schedule:often:2026-12-04T20:01:00+00:00")["id"]
+    )
