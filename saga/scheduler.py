@@ -27,7 +27,7 @@ from saga import logs
 from saga.codec import dumps
 from saga.errors import SagaError
 from saga.keys import KeyPolicy
-from saga.schedules import Schedule, slot_key
+from saga.schedules import Firing, Schedule, slot_key
 
 if TYPE_CHECKING:
     from saga.app import Saga
@@ -133,7 +133,10 @@ class Scheduler:
                     if row is None:
                         break
                     name = row["name"]
-                    started += self._fire(conn, schedules[name], row["next_slot"])
+                    schedule = schedules[name]
+                    firing, runs = self._fire(conn, schedule, row["next_slot"])
+                started += sum(created for _, created in runs)
+                self._log(schedule, firing, runs)  # once committed: a killed relay logs none
             except SagaError as exc:
                 # A start refused (an input over Settings.max_input_bytes): nothing of the
                 # firing is kept, the others go on, and the next tick tries again.
@@ -144,16 +147,20 @@ class Scheduler:
         self._read_next_due()
         return started
 
-    def _fire(self, conn: Connection, schedule: Schedule, expected: datetime) -> int:
+    def _fire(
+        self, conn: Connection, schedule: Schedule, expected: datetime
+    ) -> tuple[Firing, list[tuple[str, bool]]]:
+        """Start the slots' runs and advance the row, in the caller's transaction: the
+        firing, and each slot's run id and whether it was created (not found by its key)."""
         firing = schedule.plan(expected, self.clock())
-        run_id = None
-        created = 0
+        runs: list[tuple[str, bool]] = []
         for slot in firing.slots:
             run = self.saga.start(
                 conn, schedule.workflow, schedule.input, key=slot_key(schedule.name, slot),
                 key_policy=KeyPolicy.RETURN_EXISTING,
             )
-            run_id, created = run.run_id, created + run.created
+            runs.append((run.run_id, run.created))
+        run_id = runs[-1][0] if runs else None
         advanced = conn.execute(
             self._advance,
             {
@@ -164,17 +171,21 @@ class Scheduler:
         ).first()
         if advanced is None:  # pragma: no cover - the row is locked: nobody else moved it
             raise RuntimeError(f"schedule {schedule.name!r} moved while locked")
-        for slot in firing.slots:
+        return firing, runs
+
+    @staticmethod
+    def _log(schedule: Schedule, firing: Firing, runs: list[tuple[str, bool]]) -> None:
+        for slot, (run_id, created) in zip(firing.slots, runs, strict=True):
             logs.event(
-                log, logging.INFO, "schedule fired", schedule=schedule.name,
-                workflow=schedule.workflow, slot=slot.isoformat(),
+                log, logging.INFO, "schedule fired" if created else "schedule slot had its run",
+                schedule=schedule.name, workflow=schedule.workflow, slot=slot.isoformat(),
+                run_id=run_id,
             )
         if firing.skipped:
             logs.event(
                 log, logging.WARNING, f"schedule skipped {firing.skipped} missed slot(s)",
                 schedule=schedule.name, catch_up=schedule.catch_up,
             )
-        return created
 
     def _read_next_due(self) -> None:
         with self.saga.engine.connect() as conn:
