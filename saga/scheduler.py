@@ -40,6 +40,9 @@ Clock = Callable[[], datetime]
 REFRESH_INTERVAL = 10.0
 """Seconds between reads of the earliest next slot while none is due (another relay may have
 fired, or a newer deploy changed a schedule)."""
+ERROR_PAUSE = 5.0
+"""Seconds a scheduler waits after a database error before it tries again (the database is
+down, or not migrated to the schedules table yet): one log line per pause, not per turn."""
 
 _DECLARE = """
 INSERT INTO {schedules} AS s (name, workflow, spec, catch_up, next_slot)
@@ -91,6 +94,7 @@ class Scheduler:
         self._declared = False
         self._next_due: datetime | None = None
         self._refresh_at = 0.0
+        self._paused_until = 0.0
 
     @property
     def schedules(self) -> dict[str, Schedule]:
@@ -203,7 +207,7 @@ class Scheduler:
         """Fire what is due, cheaply when nothing is (no query before the earliest known next
         slot, but a fresh look every :data:`REFRESH_INTERVAL`); a database error is logged and
         tried again on the next tick. How many runs started."""
-        if not self.saga.registry.schedules:
+        if not self.saga.registry.schedules or time.monotonic() < self._paused_until:
             return 0
         due = self._next_due is None or self._next_due <= self.clock()
         if not due and time.monotonic() < self._refresh_at:
@@ -212,5 +216,10 @@ class Scheduler:
             return self.fire_due()
         except DBAPIError as exc:
             self._next_due = None
-            logs.event(log, logging.WARNING, f"firing schedules failed: {type(exc).__name__}")
+            self._paused_until = time.monotonic() + ERROR_PAUSE
+            logs.event(
+                log, logging.WARNING,
+                f"firing schedules failed, trying again in {ERROR_PAUSE:g}s: "
+                f"{type(exc).__name__}: {str(exc.orig)[:200]}",
+            )
             return 0

@@ -106,8 +106,9 @@ class Schedule:
         if every is not None:
             interval = _interval(name, every)
         else:
+            assert cron is not None  # one of the two is given (checked above)
             try:
-                parsed = Cron.parse(cron)  # type: ignore[arg-type]
+                parsed = Cron.parse(cron)
             except CronError as exc:
                 raise ScheduleError(name, f"cron: {exc}") from None
         if catch_up not in CATCH_UP:

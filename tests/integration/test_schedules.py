@@ -244,3 +244,24 @@ def test_saga_schedules_lists_each_schedule_with_its_last_and_next_slot(
     assert often["last_run_id"] == str(
         saga_engine.get_run("schedule:often:2026-12-04T20:01:00+00:00")["id"]
     )
+
+
+def test_a_database_error_while_firing_is_logged_once_and_tried_again_later(
+    saga_engine: Saga, caplog: Any
+) -> None:
+    saga_engine.schedule(Schedule("tick", "it.linear", every=60))
+    with saga_engine.engine.begin() as conn:  # as if the schema were not migrated yet
+        conn.execute(text("ALTER TABLE saga.schedules RENAME TO schedules_away"))
+    scheduler = Scheduler(saga_engine, FakeClock("2026-12-04T20:00:30"))
+
+    assert scheduler.tick() == 0
+    assert scheduler.tick() == 0  # paused: no second attempt, no second line
+
+    failures = [r for r in caplog.records if "firing schedules failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "schedules" in failures[0].getMessage()
+    with saga_engine.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE saga.schedules_away RENAME TO schedules"))
+    scheduler._paused_until = 0.0  # the pause is over
+    assert scheduler.tick() == 0
+    assert schedule_row(saga_engine, "tick")["spec"] == "every 60s"
