@@ -95,6 +95,8 @@ class Scheduler:
         self._next_due: datetime | None = None
         self._refresh_at = 0.0
         self._paused_until = 0.0
+        self._held: dict[str, float] = {}
+        """Schedules whose start was refused, until when they are left alone."""
 
     @property
     def schedules(self) -> dict[str, Schedule]:
@@ -126,7 +128,8 @@ class Scheduler:
         if not self._declared:
             self.declare()
         started = 0
-        names = list(schedules)
+        now = time.monotonic()
+        names = [n for n in schedules if self._held.get(n, 0.0) <= now]
         for _ in range(len(names)):  # each schedule fires once a call at most
             name: str | None = None
             try:
@@ -143,8 +146,11 @@ class Scheduler:
                 self._log(schedule, firing, runs)  # once committed: a killed relay logs none
             except SagaError as exc:
                 # A start refused (an input over Settings.max_input_bytes): nothing of the
-                # firing is kept, the others go on, and the next tick tries again.
+                # firing is kept, the others go on, and this one is tried again after a pause
+                # (one line per pause, not per turn of the relay).
                 logs.event(log, logging.ERROR, f"schedule not fired: {exc}", schedule=name)
+                if name is not None:
+                    self._held[name] = time.monotonic() + ERROR_PAUSE
             if name is None:
                 break
             names.remove(name)
@@ -192,10 +198,14 @@ class Scheduler:
             )
 
     def _read_next_due(self) -> None:
+        now = time.monotonic()
+        names = [n for n in self.schedules if self._held.get(n, 0.0) <= now]
         with self.saga.engine.connect() as conn:
-            found = conn.execute(self._earliest, {"names": list(self.schedules)}).scalar()
+            found = conn.execute(self._earliest, {"names": names}).scalar()
         self._next_due = found
-        self._refresh_at = time.monotonic() + REFRESH_INTERVAL
+        # A held schedule is looked at again when its pause ends.
+        pause = min((t - now for t in self._held.values() if t > now), default=REFRESH_INTERVAL)
+        self._refresh_at = now + min(REFRESH_INTERVAL, pause)
 
     def seconds_to_next(self) -> float | None:
         """Seconds until the earliest next slot this scheduler knows of (``None``: none)."""
