@@ -19,6 +19,7 @@ from saga.errors import (
     RetryableError,
     RunFailedError,
     SagaError,
+    ScheduleError,
     SignalRefusedError,
     StepError,
     UnknownRunError,
@@ -29,6 +30,7 @@ from saga.handles import RunHandle
 from saga.keys import KeyPolicy
 from saga.registry import Registry
 from saga.retry import RetryPolicy
+from saga.schedules import Schedule
 from saga.settings import Settings
 from saga.starting import Started
 from saga.steps import CeleryTaskStep, FunctionStep, TransactionalStep, transactional
@@ -60,6 +62,8 @@ __all__ = [
     "RunHandle",
     "Saga",
     "SagaError",
+    "Schedule",
+    "ScheduleError",
     "Settings",
     "SignalRefusedError",
     "Started",

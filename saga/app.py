@@ -25,6 +25,7 @@ from saga.keys import KeyPolicy, is_unfinished_key_conflict, rerun_refusal
 from saga.lifecycle import Lifecycle
 from saga.messages import Publisher
 from saga.registry import Registry
+from saga.schedules import Schedule
 from saga.settings import Settings
 from saga.starting import Executes, Started, Starter
 from saga.store.base import Row, Tables
@@ -159,6 +160,11 @@ class Saga:
         as it commits."""
         with Session(self.engine) as session, session.begin():
             return self.start(session, workflow, input, key=key, key_policy=key_policy)
+
+    def schedule(self, schedule: Schedule) -> Schedule:
+        """Register ``schedule`` (a :class:`~saga.schedules.Schedule`) with this engine's
+        registry: the relays fire its slots (:meth:`saga.Registry.add_schedule`)."""
+        return self.registry.add_schedule(schedule)
 
     def use_publisher(self, make_publisher: Callable[[], Publisher]) -> None:
         """Publish the messages this engine's starts (in a Session, or ``start_now``) and

@@ -45,6 +45,15 @@ class InputError(SagaError, ValueError):
         super().__init__(f"workflow {workflow!r}, {field}: {message}")
 
 
+class ScheduleError(SagaError, ValueError):
+    """A schedule's declaration is wrong (its name, interval or cron expression, catch-up
+    policy, input or workflow); raised when it is declared, naming the schedule."""
+
+    def __init__(self, schedule: object, message: str) -> None:
+        self.schedule = schedule
+        super().__init__(f"schedule {schedule!r}: {message}")
+
+
 class UnstorableResultError(SagaError):
     """A step's code returned, but its result cannot be stored (not JSON, a NUL byte, too
     large...). The step's code may have had its effect, so the outcome is unknown."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from saga.definition import Workflow
-from saga.errors import DefinitionError, UnknownWorkflowError
+from saga.errors import DefinitionError, ScheduleError, UnknownWorkflowError
+from saga.schedules import Schedule
 
 
 class Registry:
@@ -14,6 +15,7 @@ class Registry:
 
     def __init__(self, *workflows: Workflow) -> None:
         self._by_key: dict[tuple[str, int], Workflow] = {}
+        self._schedules: dict[str, Schedule] = {}
         for wf in workflows:
             self.register(wf)
 
@@ -42,6 +44,32 @@ class Registry:
         if not versions:
             raise UnknownWorkflowError(f"no workflow {name!r} is registered")
         return self._by_key[(name, max(versions))]
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        """Add a :class:`~saga.schedules.Schedule`; the relays of this registry fire it. Its
+        workflow is registered with it when it was given as an object, and must be registered
+        already when given by name; a second schedule of the same name is an error."""
+        if not isinstance(schedule, Schedule):
+            raise ScheduleError(schedule, "add_schedule() takes a saga.Schedule")
+        existing = self._schedules.get(schedule.name)
+        if existing is schedule:
+            return schedule
+        if existing is not None:
+            raise ScheduleError(schedule.name, "a schedule of that name is already registered")
+        if schedule.definition is not None:
+            self.register(schedule.definition)
+        else:
+            try:
+                self.get(schedule.workflow)
+            except UnknownWorkflowError as exc:
+                raise ScheduleError(schedule.name, f"{exc} (register it first)") from None
+        self._schedules[schedule.name] = schedule
+        return schedule
+
+    @property
+    def schedules(self) -> list[Schedule]:
+        """The registered schedules, by name."""
+        return [self._schedules[n] for n in sorted(self._schedules)]
 
     def __iter__(self) -> Iterator[Workflow]:
         return iter(self._by_key.values())

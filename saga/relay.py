@@ -5,8 +5,8 @@ statement, so several relays can run), publishes each outside any transaction, t
 published. It wakes on
 ``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
 with backoff. It fires durable timers (suspended steps whose ``wake_at`` passed,
-:mod:`saga.waits`) within about a second. On SIGTERM it finishes its batch and exits 0. It
-also runs the sweeper.
+:mod:`saga.waits`) within about a second and the registry's schedules (:mod:`saga.scheduler`).
+On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from saga import logs, metrics, telemetry
 from saga.app import Saga
 from saga.housekeeping import Housekeeping
 from saga.messages import Envelope, Publisher, publish_in_order
+from saga.scheduler import Clock, Scheduler
 from saga.store.base import Row
 from saga.sweeper import Sweeper
 
@@ -47,6 +48,7 @@ class Relay:
         sweep_interval: float = 2.0,
         hold: float = 30.0,
         housekeeping: Housekeeping | None = None,
+        clock: Clock | None = None,
     ) -> None:
         if batch_size < 1 or poll_interval <= 0:
             raise ValueError("batch_size must be >= 1 and poll_interval > 0")
@@ -60,6 +62,8 @@ class Relay:
         """Seconds a batch's rows are held for this relay while it publishes them."""
         self.sweeper = Sweeper(saga)
         self.housekeeping = housekeeping or Housekeeping(saga)
+        self.scheduler = Scheduler(saga, clock)
+        """Fires the registry's schedules' due slots on every turn of the loop."""
         self.stopping = threading.Event()
         self._listener: psycopg.Connection[Any] | None = None
         self._conn: Connection | None = None
@@ -158,6 +162,7 @@ class Relay:
                 except (OperationalError, DBAPIError) as exc:
                     logs.event(log, logging.WARNING, f"sweep failed: {type(exc).__name__}")
             self.housekeeping.tick()
+            self.scheduler.tick()
             if count < self.batch_size:
                 self._wait()
         self._close_listener()
@@ -195,9 +200,13 @@ class Relay:
         )
 
     def _wait(self) -> None:
-        """Sleep until a NOTIFY, the next due retry, the next suspended step's wake, or the poll
-        interval, whichever is first."""
+        """Sleep until a NOTIFY, the next due retry, the next suspended step's wake, the next
+        schedule slot, or the poll interval, whichever is first."""
         timeout = self.poll_interval
+        slot_in = self.scheduler.seconds_to_next()
+        if slot_in is not None:
+            # A floor: a slot another relay holds (firing it) is "due" until that commits.
+            timeout = min(timeout, max(slot_in, 0.05))
         try:
             listener = self._listen()
             # On the LISTEN connection (autocommit): one round trip, no pool checkout.

@@ -5,9 +5,11 @@ process until nothing is left to do. It exercises the same claim/complete transi
 Celery worker, so a workflow's logic, retries and compensations can be tested without starting
 processes. It does not test delivery (that is what the relay and Celery are for).
 
-Waits run inline too: :func:`drain` fires the timers that are due; a :class:`FakeClock` moves
-the time of every suspended step (sleeps end, signal waits time out) without waiting; and
-:func:`send_signal` sends a run a signal and drains what it made ready::
+Waits and schedules run inline too, on one :class:`FakeClock`: :func:`drain` fires the timers
+that are due; advancing a clock bound to an engine moves the time of every suspended step
+(sleeps end, signal waits time out) and drains what that made ready; :func:`send_signal` sends
+a run a signal and drains; :func:`fire_schedules` fires the schedule slots due at the clock's
+time, without waiting for real time to pass::
 
     clock = FakeClock(saga)
     run = saga.start_now(checkout, {"order": 7})
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from sqlalchemy import Connection, text
 
 from saga.app import Saga
 from saga.executor import Executor
 from saga.messages import Envelope
 from saga.relay import Relay
+from saga.scheduler import Scheduler
 from saga.steps import TaskCaller
 
 
@@ -78,26 +83,63 @@ def drain(
     raise TimeoutError(f"workflows still had messages after {timeout}s")
 
 
-@dataclass
+def fire_schedules(saga: Saga, clock: FakeClock) -> list[str]:
+    """Fire the registry's due schedule slots as a relay would at ``clock``'s time (the
+    first call writes the schedules, whose first slots then come after that time); the
+    business keys of the runs started, sorted. :func:`drain` then runs them."""
+    scheduler = Scheduler(saga, clock)
+    with saga.engine.connect() as conn:
+        before = _slot_keys(saga, conn)
+    scheduler.fire_due()
+    with saga.engine.connect() as conn:
+        return [k for k in _slot_keys(saga, conn) if k not in before]
+
+
+def _slot_keys(saga: Saga, conn: Connection) -> list[str]:
+    found = conn.execute(
+        text(f"SELECT business_key FROM {saga.tables.runs} WHERE business_key LIKE 'schedule:%' "
+             "ORDER BY business_key")
+    )
+    return [str(k) for k in found.scalars()]
+
+
 class FakeClock:
-    """Time for the suspended steps of one engine's database, moved by hand: :meth:`advance`
-    brings every suspended step's wake time nearer, fires those now due (a sleep ends, a signal
-    wait times out, retries and compensation follow) and drains what that made ready. Only
-    waits see it; the database's ``now()`` does not move."""
+    """A clock moved by hand, in UTC, for tests: calling it returns the time it was set to
+    (``start``), which moves only when :meth:`advance` or :meth:`set` moves it, and never
+    back. Schedules read it (:func:`fire_schedules`, :class:`~saga.scheduler.Scheduler`).
+    Bound to an engine (``saga``), moving it also brings every suspended step's wake time
+    nearer by as much, fires those now due (a sleep ends, a signal wait times out, retries and
+    compensation follow) and drains what that made ready; the database's ``now()`` itself
+    does not move."""
 
-    saga: Saga
-    moved: timedelta = timedelta(0)
-    """How far it has been advanced."""
+    def __init__(
+        self, saga: Saga | None = None, *, start: datetime | str = "2026-01-01T00:00:00+00:00"
+    ) -> None:
+        self.saga = saga
+        self._now = _aware(start)
+        self.moved = timedelta(0)
+        """How far it has been moved."""
 
-    def advance(
-        self, by: timedelta, *, tasks: TaskCaller | None = None
-    ) -> list[tuple[dict[str, Any], str]]:
-        """Let ``by`` pass for the waits, then :func:`drain`; what the drain executed."""
-        if by < timedelta(0):
-            raise ValueError(f"a clock does not go back: {by}")
-        self.moved += by
-        self.saga.waits.shift(by.total_seconds())
-        return drain(self.saga, tasks=tasks)
+    def __call__(self) -> datetime:
+        """The current fake time."""
+        return self._now
+
+    def advance(self, by: timedelta | float, *, tasks: TaskCaller | None = None) -> datetime:
+        """Move the clock forward by ``by`` (a ``timedelta`` or seconds), and the bound
+        engine's waits with it (then :func:`drain`, with ``tasks``); the new time."""
+        step = by if isinstance(by, timedelta) else timedelta(seconds=by)
+        if step < timedelta(0):
+            raise ValueError(f"a clock does not go back: {step}")
+        self._now += step
+        self.moved += step
+        if self.saga is not None:
+            self.saga.waits.shift(step.total_seconds())
+            drain(self.saga, tasks=tasks)
+        return self._now
+
+    def set(self, when: datetime | str, *, tasks: TaskCaller | None = None) -> datetime:
+        """Move the clock forward to ``when`` (an aware datetime or ISO 8601 text)."""
+        return self.advance(_aware(when) - self._now, tasks=tasks)
 
 
 def send_signal(
@@ -108,3 +150,8 @@ def send_signal(
     outcome = saga.signal_now(run, name, payload)
     drain(saga, tasks=tasks)
     return outcome
+
+
+def _aware(when: datetime | str) -> datetime:
+    value = datetime.fromisoformat(when) if isinstance(when, str) else when
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -15,7 +15,7 @@ class Config:
     """Where things are and how the demo's knobs are set.
 
     ``stale_after`` is how old a ``pending`` order must be for the reconcile job to report it;
-    ``reconcile_every`` is how often beat runs that job (seconds).
+    ``reconcile_every`` is the interval of the reconcile schedule (seconds).
     """
 
     database_url: str = DEFAULT_DATABASE_URL

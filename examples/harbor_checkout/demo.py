@@ -1,10 +1,11 @@
 """The demo orchestrator: runs the whole Harbor Checkout stack, sends orders, checks the outcome.
 
 It starts, as supervised subprocesses (a child that exits is restarted), the payment-provider
-stand-in, the checkout API, saga's relay, one Celery worker per queue group (``payments``,
-``notifications``, ``harbor``) and Celery beat. Then it sends ``--orders`` carts to
-``POST /orders`` (a share with the declined card ``tok_declined``, a share shipped to a
-country no carrier serves), prints progress every second, and ends with a summary:
+stand-in, the checkout API, saga's relay (which also fires the reconcile schedule) and one
+Celery worker per queue group (``payments``, ``notifications``, ``harbor``). Then it sends
+``--orders`` carts to ``POST /orders`` (a share with the declined card ``tok_declined``, a
+share shipped to a country no carrier serves), prints progress every second, and ends with a
+summary:
 
 * every order ended as designed: declined and unshippable orders ``compensated`` (stock
   released, the charge refunded), all others ``fulfilled``;
@@ -288,22 +289,6 @@ def start_stack(run: Run, env: dict[str, str], api_port: int, provider_port: int
             ],
             env,
         )
-    sup.start(
-        "beat",
-        [
-            py,
-            "-m",
-            "celery",
-            "-A",
-            APP_SPEC,
-            "beat",
-            "--loglevel",
-            "INFO",
-            "--schedule",
-            str(sup.log_dir / "beat-schedule"),
-        ],
-        env,
-    )
 
 
 def wait_ready(run: Run, broker_url: str, timeout: float = 60.0) -> None:
@@ -393,10 +378,12 @@ def check_validation(run: Run) -> dict[str, Any]:
 
 
 def count_rows(engine: Engine) -> tuple[int, int]:
-    """Orders and saga runs in the database."""
+    """Orders and their saga runs in the database."""
     with engine.connect() as conn:
         orders = conn.execute(text("SELECT count(*) FROM orders")).scalar_one()
-        runs = conn.execute(text("SELECT count(*) FROM saga.runs")).scalar_one()
+        runs = conn.execute(
+            text("SELECT count(*) FROM saga.runs WHERE workflow = 'fulfill_order'")
+        ).scalar_one()
     return int(orders), int(runs)
 
 
@@ -450,7 +437,11 @@ def progress(run: Run) -> dict[str, int]:
             conn.execute(text("SELECT status, count(*) FROM orders GROUP BY status")).all()
         )
         live = conn.execute(
-            text("SELECT count(*) FROM saga.runs WHERE NOT state = ANY(:t)"),
+            # The orders' runs: the reconcile schedule starts a run every few seconds.
+            text(
+                "SELECT count(*) FROM saga.runs "
+                "WHERE workflow = 'fulfill_order' AND NOT state = ANY(:t)"
+            ),
             {"t": list(TERMINAL_RUN_STATES)},
         ).scalar_one()
     return {**{k: int(v) for k, v in by_status.items()}, "live_runs": int(live)}
@@ -484,7 +475,7 @@ def watch(run: Run, started: float) -> bool:
 
 
 def wait_for_reconcile(run: Run, timeout: float = 12.0) -> None:
-    """Give beat's reconcile job the time to report at least once (it runs every 5 s)."""
+    """Give the reconcile schedule the time to report at least once (every 5 s)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with run.engine.connect() as conn:
@@ -532,6 +523,13 @@ def summarize(run: Run, finished: bool) -> dict[str, Any]:
             text(
                 "SELECT count(*), coalesce(max(stale_count), 0), "
                 "coalesce(sum(stale_count), 0) FROM reconcile_reports"
+            )
+        ).one()
+        # The schedule's runs, one per slot: as many distinct slot keys as runs.
+        reconcile_runs = conn.execute(
+            text(
+                "SELECT count(*), count(DISTINCT business_key) FROM saga.runs "
+                "WHERE workflow = 'reconcile'"
             )
         ).one()
     provider = httpx.get(f"{run.provider}/v1/summary", timeout=10.0).json()
@@ -602,7 +600,10 @@ def summarize(run: Run, finished: bool) -> dict[str, Any]:
         "payment_retries": int(pay_retries),
         "stock_consistent": not stock_bad,
         "invalid_carts_refused": run.args.validation_ok,
-        "reconcile": {"reports": reports[0], "max_stale": reports[1]},
+        "reconcile": {
+            "reports": reports[0], "max_stale": reports[1], "runs": reconcile_runs[0],
+            "slots": reconcile_runs[1],
+        },
         "restarts": run.sup.restarts(),
         "finished": finished,
         "problems": wrong[:20],
@@ -661,8 +662,9 @@ def report(run: Run, summary: dict[str, Any]) -> None:
         f"{summary['invalid_carts_refused']}"
     )
     say(
-        f"  reconcile (beat)     {summary['reconcile']['reports']} reports, at most "
-        f"{summary['reconcile']['max_stale']} order(s) pending > {run.args.stale_after:.0f}s"
+        f"  reconcile (schedule) {summary['reconcile']['reports']} reports, at most "
+        f"{summary['reconcile']['max_stale']} order(s) pending > {run.args.stale_after:.0f}s, "
+        f"{summary['reconcile']['runs']} runs for {summary['reconcile']['slots']} slots"
     )
     say(f"  process restarts     {summary['restarts']}")
     for problem in summary["problems"]:
@@ -739,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         start_stack(run, child_env(args, db_url, run.provider), api_port, provider_port)
         wait_ready(run, args.broker_url)
         say(
-            f"  api {run.api}, provider {run.provider}, relay, beat, workers "
+            f"  api {run.api}, provider {run.provider}, relay (+ reconcile schedule), workers "
             + ", ".join(f"{q} (x{c})" for q, c in WORKERS.items())
         )
         say(f"  dashboard http://127.0.0.1:{run.dashboard_port}/ (up while the demo runs)")

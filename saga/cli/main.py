@@ -141,10 +141,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from saga.cli import admin, graph, ops, reads
+    from saga.cli import admin, graph, ops, reads, schedules
 
     cli.add_command(reads.status)
     cli.add_command(reads.list_)
+    cli.add_command(schedules.schedules)
     cli.add_command(graph.graph)
     for cmd in (*ops.COMMANDS, *admin.COMMANDS):
         cli.add_command(cmd)

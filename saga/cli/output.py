@@ -29,7 +29,7 @@ STATE_STYLES = {
 }
 """The colour of each run and step state in a terminal."""
 
-ID_COLUMNS = frozenset({"id", "run"})
+ID_COLUMNS = frozenset({"id", "run", "last run"})
 """Columns holding run ids, never wrapped or cut in a terminal."""
 
 

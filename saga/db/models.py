@@ -297,3 +297,32 @@ class RunWaiter(Base):
     since: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.now()
     )
+
+
+class ScheduleRow(Base):
+    """A declared :class:`~saga.schedules.Schedule` and its next unfired slot; a relay fires a
+    slot by starting its run and advancing ``next_slot`` in one transaction."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        CheckConstraint("catch_up IN ('skip', 'all')", name="catch_up"),
+        CheckConstraint(
+            "fired >= 0 AND skipped >= 0 AND (last_slot IS NULL OR last_slot < next_slot)",
+            name="slots",
+        ),
+        Index("ix_schedules_next_slot", "next_slot"),
+    )
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    workflow: Mapped[str] = mapped_column(String(100))
+    spec: Mapped[str] = mapped_column(Text)
+    catch_up: Mapped[str] = mapped_column(String(8))
+    next_slot: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_slot: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_run_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    fired: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """Slots fired (runs started)."""
+    skipped: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    """Due slots skipped under the catch-up policy."""
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()

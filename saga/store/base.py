@@ -61,6 +61,11 @@ class Tables:
         return f'"{self.schema}".run_count_deltas'
 
     @property
+    def schedules(self) -> str:
+        """``"schema".schedules``."""
+        return f'"{self.schema}".schedules'
+
+    @property
     def channel(self) -> str:
         """The LISTEN/NOTIFY channel the outbox trigger notifies."""
         return f"{self.schema}_outbox"
@@ -73,13 +78,14 @@ class Tables:
 
     def sql(self, template: str) -> TextClause:
         """``template`` with ``{runs}``, ``{steps}``, ``{outbox}``, ``{history}``,
-        ``{processes}``, ``{signals}``, ``{run_counts}`` and ``{run_count_deltas}`` filled in,
-        its comments and runs of white space removed: psycopg caches the parsing of a statement
-        only up to 4 KB of text, and the hot path's statements must stay cached."""
+        ``{processes}``, ``{signals}``, ``{run_counts}``, ``{run_count_deltas}`` and
+        ``{schedules}`` filled in, its comments and runs of white space removed: psycopg caches
+        the parsing of a statement only up to 4 KB of text, and the hot path's statements must
+        stay cached."""
         filled = template.format(
             runs=self.runs, steps=self.steps, outbox=self.outbox, history=self.history,
             processes=self.processes, signals=self.signals, run_counts=self.run_counts,
-            run_count_deltas=self.run_count_deltas,
+            run_count_deltas=self.run_count_deltas, schedules=self.schedules,
         )
         return text(squeeze(filled))
 

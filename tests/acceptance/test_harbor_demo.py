@@ -1,6 +1,7 @@
-"""The Harbor Checkout demo, end to end at a small size: API, relay, one worker per queue
-group, beat and the payment-provider stand-in as real processes, run by the demo's own
-orchestrator (``python -m examples.harbor_checkout.demo``) on a database of its own."""
+"""The Harbor Checkout demo, end to end at a small size: API, relay (firing the reconcile
+schedule), one worker per queue group and the payment-provider stand-in as real processes, run
+by the demo's own orchestrator (``python -m examples.harbor_checkout.demo``) on a database of
+its own."""
 
 from __future__ import annotations
 
@@ -71,5 +72,6 @@ def test_demo_orders_end_as_designed(tmp_path: Path) -> None:
     assert summary["stock_consistent"]
     assert summary["invalid_carts_refused"]
     assert summary["reconcile"]["reports"] >= 1
+    assert summary["reconcile"]["runs"] == summary["reconcile"]["slots"] >= 1
     assert summary["ok"]
     assert proc.returncode == 0, out[-6000:]

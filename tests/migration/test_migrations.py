@@ -15,7 +15,7 @@ from saga.db.models import Base
 
 SAGA_TABLES = {
     "runs", "step_runs", "outbox", "history", "processes", "run_counts", "run_count_deltas",
-    "run_waiters", "signals",
+    "run_waiters", "signals", "schedules",
 }
 
 

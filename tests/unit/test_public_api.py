@@ -23,6 +23,8 @@ PUBLIC = {
     "RunHandle",
     "Saga",
     "SagaError",
+    "Schedule",
+    "ScheduleError",
     "Settings",
     "SignalRefusedError",
     "Started",
