@@ -30,6 +30,7 @@ What it does (see docs/benchmarks.md for the method and the figures):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -47,6 +48,11 @@ import redis
 from sqlalchemy.orm import Session
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import spy  # noqa: E402
+
 DB_NAME = os.environ.get("SAGA_BENCH_DB", "saga_bench")
 """The scratch database (dropped and created): another name lets two benchmarks run at once."""
 PG_DSN = "host=127.0.0.1 port=5432 user=postgres"
@@ -71,8 +77,6 @@ def _env() -> dict[str, str]:
 
 
 os.environ.update({k: v for k, v in _env().items() if k != "PYTHONPATH"})
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 # -- setup ------------------------------------------------------------------------------------
@@ -528,6 +532,27 @@ def preloaded(
     return out
 
 
+@contextlib.contextmanager
+def profiled(directory: Path | None, name: str, procs: Procs, res: dict[str, Any]) -> Any:
+    """With ``directory``, record the worker and the relay with py-spy while the block runs
+    and keep the summaries in ``res["profiles"][name]``; else nothing."""
+    if directory is None:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        files = {
+            who: stack.enter_context(
+                spy.recording(directory, f"{name}-{who}", procs.procs[who].pid)
+            )
+            for who in ("worker", "relay")
+        }
+        yield
+    found = {who: spy.summary(path) for who, path in files.items()}
+    res.setdefault("profiles", {})[name] = found
+    for who, doc in found.items():
+        print(f"profile {name} {who}: {json.dumps(doc)}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear script
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=2000, help="linear runs / chains")
@@ -557,7 +582,16 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear 
         help="start a private redis-server on PORT (no persistence) and use its db 4 "
         "instead of the shared 127.0.0.1:6379, e.g. when other tests restart it",
     )
+    ap.add_argument(
+        "--py-spy",
+        type=Path,
+        metavar="DIR",
+        help="record the worker (with its pool) and the relay with py-spy during each "
+        "workload (raw stacks in DIR) and print where their time went",
+    )
     args = ap.parse_args(argv)
+    if args.py_spy and not spy.available():
+        ap.error('--py-spy needs py-spy: pip install "saga[bench]"')
 
     global REDIS_URL  # noqa: PLW0603 - the whole script uses the one broker URL
     logdir = Path(tempfile.mkdtemp(prefix="saga-bench-"))
@@ -632,13 +666,17 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear 
         res["idle_relay_commits_per_s"] = round(bg, 2)
         print(f"idle relay background: {bg:.2f} commits/s", flush=True)
 
-        res["saga"] = {"linear": saga_side.workload(apps.linear, args.runs, stats, bg)}
+        with profiled(args.py_spy, "saga-linear", procs, res):
+            res["saga"] = {"linear": saga_side.workload(apps.linear, args.runs, stats, bg)}
         print("saga linear:", json.dumps(res["saga"]["linear"]), flush=True)
-        res["celery"] = {"chain": celery_side.workload("chain", args.runs)}
+        with profiled(args.py_spy, "celery-chain", procs, res):
+            res["celery"] = {"chain": celery_side.workload("chain", args.runs)}
         print("celery chain:", json.dumps(res["celery"]["chain"]), flush=True)
-        res["saga"]["fan"] = saga_side.workload(apps.fan, args.fan_runs, stats, bg)
+        with profiled(args.py_spy, "saga-fan", procs, res):
+            res["saga"]["fan"] = saga_side.workload(apps.fan, args.fan_runs, stats, bg)
         print("saga fan:", json.dumps(res["saga"]["fan"]), flush=True)
-        res["celery"]["chord"] = celery_side.workload("chord", args.fan_runs)
+        with profiled(args.py_spy, "celery-chord", procs, res):
+            res["celery"]["chord"] = celery_side.workload("chord", args.fan_runs)
         print("celery chord:", json.dumps(res["celery"]["chord"]), flush=True)
 
         res["saga"]["probe_linear"] = saga_side.idle_probe(apps.linear, args.probe)
