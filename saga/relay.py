@@ -11,6 +11,7 @@ On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import signal
@@ -65,6 +66,9 @@ class Relay:
         self.scheduler = Scheduler(saga, clock)
         """Fires the registry's schedules' due slots on every turn of the loop."""
         self.stopping = threading.Event()
+        self._publishing: concurrent.futures.ThreadPoolExecutor | None = None
+        """Publishes one batch while the loop takes or marks another (:meth:`publish_backlog`);
+        made on first use, shut down when :meth:`run` returns."""
         self._listener: psycopg.Connection[Any] | None = None
         self._conn: Connection | None = None
         self._next_due_sql = self.saga.lifecycle.outbox.next_due_sql
@@ -90,17 +94,68 @@ class Relay:
             self._close_connection()
             raise
         sent, failure = self._publish(rows)
-        published = [r["id"] for r in rows[:sent]]
-        held = rows[0]["held_until"] if rows else None
         try:
-            outbox.mark_published(conn, published, held, self.saga.settings.republish_after)
-            outbox.release(conn, rows[len(published) :], held)
+            self._mark(conn, rows, sent)
         except DBAPIError:
             self._close_connection()
             raise
         if failure is not None:
             raise failure
-        return len(published)
+        return sent
+
+    def publish_backlog(self, seconds: float = 0.5) -> tuple[int, bool]:
+        """Publish batches back to back for up to ``seconds``: how many messages went out, and
+        whether the last batch was full (more may be due). Each next batch is taken while the
+        one before it is published (a thread of the relay's own publishes, in order), and a
+        batch is marked while the next one is published: the database's share and the broker's
+        overlap instead of adding up. The same holds as for :meth:`publish_batch`: no
+        transaction is open while publishing; a relay killed meanwhile leaves its (at most
+        two) held batches due again after ``hold`` seconds. A publish error marks what went
+        out before it, hands the rest (and the batch taken after it) back, and re-raises."""
+        outbox = self.saga.lifecycle.outbox
+        conn = self._connection()
+        deadline = time.monotonic() + seconds
+        total = 0
+        if self._publishing is None:
+            self._publishing = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="saga-relay-publish"
+            )
+        try:
+            current = outbox.take_batch(conn, self.batch_size, self.lookahead, self.hold)
+            if not current:
+                return 0, False
+            publishing = self._publishing.submit(self._publish, current)
+            while True:
+                full = len(current) == self.batch_size
+                more = full and time.monotonic() < deadline
+                following = (
+                    outbox.take_batch(conn, self.batch_size, self.lookahead, self.hold)
+                    if more else []
+                )
+                sent, failure = publishing.result()
+                if following and failure is None:
+                    publishing = self._publishing.submit(self._publish, following)
+                elif following:  # the broker failed: the batch taken after goes back as it was
+                    outbox.release(conn, following, following[0]["held_until"])
+                    following = []
+                self._mark(conn, current, sent)
+                total += sent
+                if failure is not None:
+                    raise failure
+                if not following:
+                    return total, full
+                current = following
+        except DBAPIError:
+            self._close_connection()
+            raise
+
+    def _mark(self, conn: Connection, rows: list[Row], sent: int) -> None:
+        """Mark the first ``sent`` of a taken batch published and hand the rest back."""
+        outbox = self.saga.lifecycle.outbox
+        published = [r["id"] for r in rows[:sent]]
+        held = rows[0]["held_until"] if rows else None
+        outbox.mark_published(conn, published, held, self.saga.settings.republish_after)
+        outbox.release(conn, rows[len(published) :], held)
 
     def _connection(self) -> Connection:
         # Kept across batches (a pool checkout would pre-ping on every wake), in autocommit:
@@ -149,7 +204,7 @@ class Relay:
         self.housekeeping.start()
         while not self.stopping.is_set():
             try:
-                count = retrying(self.publish_batch)
+                _, more = retrying(self.publish_backlog)
             except tenacity.RetryError:
                 break
             now = time.monotonic()
@@ -163,8 +218,11 @@ class Relay:
                     logs.event(log, logging.WARNING, f"sweep failed: {type(exc).__name__}")
             self.housekeeping.tick()
             self.scheduler.tick()
-            if count < self.batch_size:
+            if not more:
                 self._wait()
+        if self._publishing is not None:
+            self._publishing.shutdown(wait=True)
+            self._publishing = None
         self._close_listener()
         self._close_connection()
         self.housekeeping.stop()

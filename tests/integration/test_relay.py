@@ -256,3 +256,59 @@ def test_a_batch_the_broker_refused_is_due_again_as_it_was(saga_engine: Saga) ->
         outbox.release(conn, taken, taken[0]["held_until"])
         again = conn.execute(text("SELECT available_at FROM saga.outbox")).scalar_one()
     assert again == due, "its age still counts from when it first came due"
+
+
+class Refusing:
+    """A publisher that records what it publishes and refuses everything from its
+    ``refuse_from``-th message on (``None``: never)."""
+
+    def __init__(self, refuse_from: int | None = None) -> None:
+        self.refuse_from = refuse_from
+        self.sent: list[str] = []
+
+    def publish(self, envelope: Envelope) -> None:
+        if self.refuse_from is not None and len(self.sent) >= self.refuse_from:
+            raise ConnectionError("the broker refused")
+        self.sent.append(envelope.message.run_id)
+
+
+def _outbox_rows(saga: Saga) -> list[tuple[str, bool, object]]:
+    with saga.autocommit() as conn:
+        rows = conn.execute(
+            text("SELECT run_id::text, published_at IS NOT NULL, available_at FROM saga.outbox"
+                 " ORDER BY id")
+        ).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def test_the_relays_backlog_goes_out_in_order_batch_after_batch_each_message_once(
+    saga_engine: Saga,
+) -> None:
+    run_ids = [saga_engine.start_now("it.linear", {}).run_id for _ in range(25)]
+    publisher = Refusing()
+    relay = Relay(saga_engine, publisher, batch_size=10)
+
+    assert relay.publish_backlog(seconds=60) == (25, False)
+
+    assert publisher.sent == run_ids  # the outbox's order, across the three batches
+    assert [published for _, published, _ in _outbox_rows(saga_engine)] == [True] * 25
+    assert relay.publish_backlog() == (0, False)
+
+
+def test_a_broker_failure_in_the_backlog_hands_back_the_rest_and_the_batch_taken_after_it(
+    saga_engine: Saga,
+) -> None:
+    run_ids = [saga_engine.start_now("it.linear", {}).run_id for _ in range(30)]
+    before = _outbox_rows(saga_engine)
+    publisher = Refusing(refuse_from=14)  # the second batch fails after 4 of its messages
+    relay = Relay(saga_engine, publisher, batch_size=10)
+
+    with pytest.raises(ConnectionError):
+        relay.publish_backlog(seconds=60)
+
+    assert publisher.sent == run_ids[:14]
+    after = _outbox_rows(saga_engine)
+    assert [published for _, published, _ in after] == [True] * 14 + [False] * 16
+    # What did not go out (the rest of the second batch and the whole third one, taken while
+    # the second was published) is due again at once, as it was: nothing waits for the hold.
+    assert [due for _, _, due in after[14:]] == [due for _, _, due in before[14:]]
