@@ -519,7 +519,8 @@ def print_table(res: dict[str, Any]) -> None:
         r = res["relay"]
         print(
             f"relay alone: {r['rows_per_s']:,} rows/s to Redis ({r['publish_us_per_row']} us per "
-            f"row publishing, {r['db_ms_per_batch']} ms per batch of 200 in PostgreSQL)"
+            f"row publishing on its thread; the rest, not overlapped with it, "
+            f"{r['db_ms_per_batch']} ms per batch of 200)"
         )
     print(f"reference figures from the issue: {REFERENCE}")
 
