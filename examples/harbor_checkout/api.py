@@ -100,7 +100,7 @@ async def create_order(
             text("SELECT sku, price_cents FROM inventory WHERE sku = ANY(:skus)"),
             {"skus": skus},
         )
-        prices: dict[str, int] = dict(found.tuples().all())
+        prices: dict[str, int] = {sku: price for sku, price in found.all()}
         unknown = [
             {
                 "loc": ["body", "items", n, "sku"],
