@@ -324,6 +324,8 @@ fulfill_order.sleep(
 )
 
 
+# After create_label too: a step's ctx.results holds the steps it runs after, and this one
+# needs the tracking number.
 @fulfill_order.step(after=[create_label, "cooling_off"])
 def mark_fulfilled(ctx: StepContext) -> dict[str, Any]:
     """The order is paid, captured, labelled and confirmed, and its cooling-off time is over:
