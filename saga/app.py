@@ -226,6 +226,17 @@ class Saga:
         conn = target.connection() if isinstance(target, Session) else target
         return self.waits.signal(cast(Connection, conn), run, name, payload)
 
+    async def signal_async(
+        self, target: AsyncSession | AsyncConnection, run: str, name: str, payload: Any = None
+    ) -> str:
+        """:meth:`signal` in the caller's ``AsyncSession`` or ``AsyncConnection`` (SQLAlchemy's
+        asyncio API): atomic with their own writes, delivered once they commit."""
+
+        def send(sync: Session | Connection) -> str:
+            return self.signal(sync, run, name, payload)
+
+        return await target.run_sync(send)
+
     def signal_now(self, run: str, name: str, payload: Any = None) -> str:
         """:meth:`signal` in a transaction of its own, committed when this returns."""
         with Session(self.engine) as session, session.begin():

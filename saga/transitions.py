@@ -77,6 +77,8 @@ SELECT run.workflow, run.version, run.definition_hash, run.input, run.business_k
 FROM run LEFT JOIN mine ON true
 """
 
+# The uuid casts: a parameter in a SELECT list is typed text when it is bound client-side
+# (Django's cursor, for a signal sent on Django's connection).
 _COMPLETE = """
 WITH done AS (
     UPDATE {steps}
@@ -135,8 +137,9 @@ WITH done AS (
 ), queued AS (
     INSERT INTO {outbox} (run_id, kind, step, attempt, queue, priority, time_limit, trace_context,
                           published_at, publish_count, republish_at)
-    SELECT :run_id, :kind, released.step, released.attempt, x.queue, x.priority, x.time_limit,
-           run.trace_context, CASE WHEN :eager THEN now() END, CASE WHEN :eager THEN 1 ELSE 0 END,
+    SELECT CAST(:run_id AS uuid), :kind, released.step, released.attempt, x.queue, x.priority,
+           x.time_limit, run.trace_context, CASE WHEN :eager THEN now() END,
+           CASE WHEN :eager THEN 1 ELSE 0 END,
            CASE WHEN :eager THEN now() + make_interval(secs => :republish_after) END
     FROM released
     JOIN jsonb_to_recordset(CAST(:routes AS jsonb))
@@ -146,12 +149,13 @@ WITH done AS (
     RETURNING step, attempt, queue, priority, time_limit
 ), logged AS (
     INSERT INTO {history} (run_id, event, kind, step, attempt)
-    SELECT :run_id, 'step_completed', :kind, :step, :attempt FROM done
+    SELECT CAST(:run_id AS uuid), 'step_completed', :kind, :step, :attempt FROM done
     UNION ALL
-    SELECT :run_id, 'step_started', :kind, released.step, released.attempt FROM released
+    SELECT CAST(:run_id AS uuid), 'step_started', :kind, released.step, released.attempt
+    FROM released
     WHERE released.state = 'running'
     UNION ALL
-    SELECT :run_id, 'run_' || run.state, NULL, NULL, NULL FROM run
+    SELECT CAST(:run_id AS uuid), 'run_' || run.state, NULL, NULL, NULL FROM run
     WHERE run.state IN ('completed', 'compensated', 'cancelled')
 )
 SELECT run.state, run.trace_context, run.business_key,

@@ -4,6 +4,8 @@
 ``fulfill_order`` saga in the same transaction (an ``AsyncSession``: the async start), then
 answers 202: the order and its saga exist together or not at all. ``GET /orders/{id}`` shows
 the order and where its saga stands; ``GET /orders/{id}/outcome`` waits for the saga to end.
+``POST /webhooks/payment`` takes the provider's capture webhook: it records the event and
+signals the order's run (``payment_captured``) in one transaction.
 
 Run: ``uvicorn examples.harbor_checkout.api:app --port 8765``.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
@@ -21,7 +23,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from saga import RunFailedError, UnknownRunError, WaitTimeoutError
+from saga import RunFailedError, SignalRefusedError, UnknownRunError, WaitTimeoutError
 
 from . import flow
 
@@ -53,12 +55,28 @@ class OrderIn(BaseModel):
         return items
 
 
+class PaymentWebhook(BaseModel):
+    """The provider's ``payment.captured`` event (sent again, same ``event_id``, until 2xx)."""
+
+    event_id: str = Field(min_length=1, max_length=100)
+    type: Literal["payment.captured"]
+    order_id: uuid.UUID
+    charge_id: str = Field(min_length=1, max_length=100)
+    amount_cents: int = Field(gt=0)
+
+
 app = FastAPI(title="Harbor Checkout")
 
 
 def saga_key(order_id: str) -> str:
     """The business key of an order's saga run: ``saga status order-<id>`` finds it."""
     return f"order-{order_id}"
+
+
+def order_id_for(idempotency_key: str) -> str:
+    """The id of the order ``POST /orders`` creates under ``idempotency_key`` (the same every
+    time: a resent request finds its order)."""
+    return str(uuid.uuid5(_ORDER_NS, idempotency_key))
 
 
 def _unprocessable(problems: list[dict[str, Any]]) -> HTTPException:
@@ -74,7 +92,7 @@ async def create_order(
     transaction (SQLAlchemy's asyncio API: the event loop never waits on the database). With
     an ``Idempotency-Key`` header, sending the same request again answers with the order it
     created the first time (200) instead of creating another."""
-    order_id = str(uuid.uuid5(_ORDER_NS, idempotency_key) if idempotency_key else uuid.uuid4())
+    order_id = order_id_for(idempotency_key) if idempotency_key else str(uuid.uuid4())
     engine = flow.engine()
     async with AsyncSession(flow.async_db()) as session, session.begin():
         skus = [i.sku for i in order.items]
@@ -82,7 +100,7 @@ async def create_order(
             text("SELECT sku, price_cents FROM inventory WHERE sku = ANY(:skus)"),
             {"skus": skus},
         )
-        prices: dict[str, int] = dict(found.tuples().all())
+        prices: dict[str, int] = {sku: price for sku, price in found.all()}
         unknown = [
             {
                 "loc": ["body", "items", n, "sku"],
@@ -136,6 +154,37 @@ async def create_order(
         },
         status_code=202,
     )
+
+
+@app.post("/webhooks/payment")
+async def payment_webhook(event: PaymentWebhook) -> JSONResponse:
+    """Record the capture webhook and signal the order's run (``payment_captured``, the charge
+    as payload) in one transaction: the event is kept exactly when the run got its signal. A
+    resent event is answered again (the signal is then a ``duplicate``); a run that stopped
+    waiting (the capture timed out, the order was compensated) refuses it, which is
+    recorded, and the provider gets its 200 all the same: there is nothing to retry."""
+    order_id = str(event.order_id)
+    payload = {"charge_id": event.charge_id, "amount_cents": event.amount_cents}
+    async with AsyncSession(flow.async_db()) as session, session.begin():
+        known = await session.execute(
+            text("SELECT 1 FROM orders WHERE id = :id"), {"id": order_id}
+        )
+        if known.first() is None:
+            raise HTTPException(status_code=404, detail=f"no order {order_id}")
+        try:
+            outcome = await flow.engine().signal_async(
+                session, saga_key(order_id), flow.CAPTURED, payload
+            )
+        except SignalRefusedError:
+            outcome = "refused"
+        await session.execute(
+            text(
+                "INSERT INTO payment_webhooks (event_id, order_id, charge_id, signal) "
+                "VALUES (:e, :o, :c, :s) ON CONFLICT (event_id) DO NOTHING"
+            ),
+            {"e": event.event_id, "o": order_id, "c": event.charge_id, "s": outcome},
+        )
+    return JSONResponse({"event_id": event.event_id, "signal": outcome})
 
 
 @app.get("/orders/{order_id}/outcome")

@@ -72,6 +72,13 @@ CREATE TABLE IF NOT EXISTS notifications (
     sent_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (order_id, kind)
 );
+CREATE TABLE IF NOT EXISTS payment_webhooks (
+    event_id     text PRIMARY KEY,
+    order_id     uuid NOT NULL REFERENCES orders (id),
+    charge_id    text NOT NULL,
+    signal       text NOT NULL CHECK (signal IN ('delivered', 'stored', 'duplicate', 'refused')),
+    received_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
 CREATE TABLE IF NOT EXISTS reconcile_reports (
     id           bigserial PRIMARY KEY,
     ran_at       timestamptz NOT NULL DEFAULT clock_timestamp(),

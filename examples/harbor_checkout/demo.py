@@ -5,10 +5,14 @@ stand-in, the checkout API, saga's relay (which also fires the reconcile schedul
 Celery worker per queue group (``payments``, ``notifications``, ``harbor``). Then it sends
 ``--orders`` carts to ``POST /orders`` (a share with the declined card ``tok_declined``, a
 share shipped to a country no carrier serves), prints progress every second, and ends with a
-summary:
+summary. The provider sends each charge's capture webhook to ``POST /webhooks/payment`` a
+moment later, which signals the order's run, except for a share ``--no-webhook`` of the
+orders (picked by order id), which wait ``--capture-timeout`` seconds and are compensated; a
+``--cooling-off`` timer delays ``mark_fulfilled``. The checks:
 
-* every order ended as designed: declined and unshippable orders ``compensated`` (stock
-  released, the charge refunded), all others ``fulfilled``;
+* every order ended as designed: declined, unshippable and never-captured orders
+  ``compensated`` (stock released, the charge refunded: by the capture timeout for those
+  that got no webhook), all others ``fulfilled``, each with its webhook recorded;
 * never more than one successful charge per order at the provider;
 * stock is consistent: on hand + still reserved = initial, for every SKU.
 
@@ -31,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -43,7 +46,9 @@ from celery import Celery
 from sqlalchemy import Engine, create_engine, text
 
 from . import db as harbor_db
-from .provider import DECLINED_TOKEN
+from .api import order_id_for
+from .checks import report, say, show_examples, summarize
+from .provider import DECLINED_TOKEN, withholds_webhook
 from .supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,7 +80,7 @@ class Sent:
 
     n: int
     expect: str  # "fulfilled" or "compensated"
-    why: str  # "ok", "declined", "unshippable"
+    why: str  # "ok", "declined", "unshippable", "no_webhook" (charged, never captured)
     status: int = 0
     order_id: str | None = None
     latency: float = 0.0
@@ -98,25 +103,12 @@ class Run:
     stop_sending: threading.Event = field(default_factory=threading.Event)
 
 
-def say(msg: str) -> None:
-    """Print a line now."""
-    print(msg, flush=True)
-
-
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def pct(values: list[float], q: float) -> float | None:
-    """The ``q``-th percentile (nearest rank) of ``values``; ``None`` for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
-    return ordered[rank - 1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -173,6 +165,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--latency-ms", default="20,150", help="provider latency range (20,150)")
     p.add_argument(
+        "--no-webhook",
+        type=float,
+        default=0.1,
+        help="share of orders whose capture webhook never comes, picked by order id: "
+        "compensated when the wait times out (0.1)",
+    )
+    p.add_argument(
+        "--webhook-delay-ms",
+        default="200,1500",
+        help="how long after a charge the provider sends its webhook (200,1500)",
+    )
+    p.add_argument(
+        "--capture-timeout",
+        type=float,
+        default=5.0,
+        help="seconds an order waits for its capture webhook (5)",
+    )
+    p.add_argument(
+        "--cooling-off",
+        type=float,
+        default=2.0,
+        help="seconds of the durable timer before mark_fulfilled (2; must be > 0)",
+    )
+    p.add_argument(
         "--stale-after",
         type=float,
         default=10.0,
@@ -194,13 +210,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.orders < 1 or not 0 <= args.declined + args.unshippable <= 1:
         p.error("--orders must be >= 1 and --declined + --unshippable between 0 and 1")
+    if not 0 <= args.no_webhook <= 1 or args.capture_timeout <= 0 or args.cooling_off <= 0:
+        p.error("--no-webhook must be between 0 and 1, --capture-timeout and --cooling-off > 0")
     return args
 
 
 # -- bringing the stack up ----------------------------------------------------------------------
 
 
-def child_env(args: argparse.Namespace, db_url: str, provider: str) -> dict[str, str]:
+def child_env(args: argparse.Namespace, db_url: str, provider: str, api: str) -> dict[str, str]:
     """The environment every child gets."""
     env = {
         "HARBOR_DATABASE_URL": db_url,
@@ -211,6 +229,11 @@ def child_env(args: argparse.Namespace, db_url: str, provider: str) -> dict[str,
         "HARBOR_RECONCILE_EVERY": "5",
         "PROVIDER_FAILURE_RATE": str(args.failure_rate),
         "PROVIDER_LATENCY_MS": args.latency_ms,
+        "PROVIDER_WEBHOOK_URL": f"{api}/webhooks/payment",
+        "PROVIDER_WEBHOOK_DELAY_MS": args.webhook_delay_ms,
+        "PROVIDER_NO_WEBHOOK_RATE": str(args.no_webhook),
+        "HARBOR_CAPTURE_TIMEOUT": str(args.capture_timeout),
+        "HARBOR_COOLING_OFF": str(args.cooling_off),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "PYTHONUNBUFFERED": "1",
         # Recover within the demo's time frame: a step whose worker died is retried 10 s past
@@ -331,7 +354,19 @@ def plan_orders(args: argparse.Namespace, rng: random.Random) -> list[Sent]:
     kinds = ["declined"] * declined + ["unshippable"] * unshippable
     kinds += ["ok"] * (n - len(kinds))
     rng.shuffle(kinds)
-    return [Sent(i, "fulfilled" if k == "ok" else "compensated", k) for i, k in enumerate(kinds)]
+    planned = []
+    for i, kind in enumerate(kinds):
+        # The order's id comes from its idempotency key, so the demo knows which charged
+        # orders the provider sends no capture webhook for (a decline is never charged).
+        silent = withholds_webhook(order_id_for(idempotency_key(i)), args.no_webhook)
+        why = "no_webhook" if silent and kind != "declined" else kind
+        planned.append(Sent(i, "fulfilled" if why == "ok" else "compensated", why))
+    return planned
+
+
+def idempotency_key(n: int) -> str:
+    """The ``Idempotency-Key`` of the demo's order number ``n``."""
+    return f"demo-{n}"
 
 
 def cart(sent: Sent, rng: random.Random) -> dict[str, Any]:
@@ -396,7 +431,8 @@ def send_orders(run: Run, rng: random.Random) -> None:
     def post(client: httpx.Client, sent: Sent, body: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         try:
-            resp = client.post("/orders", json=body, headers={"Idempotency-Key": f"demo-{sent.n}"})
+            headers = {"Idempotency-Key": idempotency_key(sent.n)}
+            resp = client.post("/orders", json=body, headers=headers)
             sent.latency = time.perf_counter() - t0
             sent.status = resp.status_code
             if resp.status_code == 202:
@@ -444,7 +480,21 @@ def progress(run: Run) -> dict[str, int]:
             ),
             {"t": list(TERMINAL_RUN_STATES)},
         ).scalar_one()
-    return {**{k: int(v) for k, v in by_status.items()}, "live_runs": int(live)}
+        # Suspended steps hold no worker: the waits for a webhook, the cooling-off timers.
+        waiting: dict[str, int] = dict(
+            conn.execute(
+                text(
+                    "SELECT step, count(*) FROM saga.step_runs "
+                    "WHERE state = 'suspended' AND kind = 'step' GROUP BY step"
+                )
+            ).all()
+        )
+    return {
+        **{k: int(v) for k, v in by_status.items()},
+        "live_runs": int(live),
+        "awaiting_capture": int(waiting.get("wait_for_capture", 0)),
+        "cooling_off": int(waiting.get("cooling_off", 0)),
+    }
 
 
 def watch(run: Run, started: float) -> bool:
@@ -461,7 +511,8 @@ def watch(run: Run, started: float) -> bool:
             f"[{time.monotonic() - started:5.1f}s] sent {sent}/{len(run.sent)}  "
             f"fulfilled {p.get('fulfilled', 0)}  compensated {p.get('cancelled', 0)}  "
             f"pending {p.get('pending', 0)}  other {p.get('rejected', 0)}  "
-            f"runs in flight {p['live_runs']}  restarts {restarts}"
+            f"runs in flight {p['live_runs']} (awaiting capture {p['awaiting_capture']}, "
+            f"cooling off {p['cooling_off']})  restarts {restarts}"
         )
         if run.args.kill_worker and not killed and p.get("fulfilled", 0) >= len(run.sent) // 4:
             say("demo: killing the payments worker (SIGKILL); the supervisor restarts it")
@@ -482,204 +533,6 @@ def wait_for_reconcile(run: Run, timeout: float = 12.0) -> None:
             if conn.execute(text("SELECT count(*) FROM reconcile_reports")).scalar_one():
                 return
         time.sleep(0.5)
-
-
-# -- checking -----------------------------------------------------------------------------------
-
-
-def summarize(run: Run, finished: bool) -> dict[str, Any]:
-    """Check every order against its design, the provider's charges and the stock."""
-    by_id = {s.order_id: s for s in run.sent if s.order_id}
-    with run.engine.connect() as conn:
-        orders = {
-            str(r.id): r
-            for r in conn.execute(
-                text(
-                    "SELECT o.id, o.status, o.items, o.created_at, o.finished_at, "
-                    "r.state AS run_state FROM orders o JOIN saga.runs r ON r.id = o.run_id"
-                )
-            )
-        }
-        stock = conn.execute(
-            text(
-                "SELECT i.sku, i.initial, i.on_hand, coalesce(sum(r.qty) FILTER "
-                "(WHERE r.released_at IS NULL), 0) AS held "
-                "FROM inventory i LEFT JOIN reservations r ON r.sku = i.sku "
-                "GROUP BY i.sku, i.initial, i.on_hand ORDER BY i.sku"
-            )
-        ).all()
-        held: dict[str, dict[str, int]] = {}
-        for order_id, sku, qty in conn.execute(
-            text("SELECT order_id, sku, qty FROM reservations WHERE released_at IS NULL")
-        ):
-            held.setdefault(str(order_id), {})[sku] = qty
-        pay_retries = conn.execute(
-            text(
-                "SELECT coalesce(sum(attempt - first_attempt), 0) FROM saga.step_runs "
-                "WHERE kind = 'step' AND step = 'charge_payment'"
-            )
-        ).scalar_one()
-        reports = conn.execute(
-            text(
-                "SELECT count(*), coalesce(max(stale_count), 0), "
-                "coalesce(sum(stale_count), 0) FROM reconcile_reports"
-            )
-        ).one()
-        # The schedule's runs, one per slot: as many distinct slot keys as runs.
-        reconcile_runs = conn.execute(
-            text(
-                "SELECT count(*), count(DISTINCT business_key) FROM saga.runs "
-                "WHERE workflow = 'reconcile'"
-            )
-        ).one()
-    provider = httpx.get(f"{run.provider}/v1/summary", timeout=10.0).json()
-    charges = provider["by_order"]
-
-    wrong: list[str] = []
-    bad: set[str] = set()
-
-    def flag(key: str, problem: str) -> None:
-        bad.add(key)
-        wrong.append(problem)
-
-    for s in run.sent:
-        if s.status != 202:
-            flag(f"#{s.n}", f"order #{s.n}: POST answered {s.status or s.error}")
-    outcome: Counter[str] = Counter()
-    for order_id, s in by_id.items():
-        row = orders.get(order_id)
-        got = None if row is None else (row.status, row.run_state)
-        want = (
-            ("fulfilled", "completed") if s.expect == "fulfilled" else ("cancelled", "compensated")
-        )
-        outcome[row.run_state if row else "missing"] += 1
-        if got != want:
-            flag(order_id, f"order {order_id} ({s.why}): expected {want}, got {got}")
-        c = charges.get(order_id, {"charges": 0, "refunds": 0, "net_cents": 0})
-        if s.expect == "fulfilled" and (c["charges"] != 1 or c["refunds"] != 0):
-            flag(order_id, f"order {order_id}: {c['charges']} charge(s), {c['refunds']} refund(s)")
-        if s.expect == "compensated" and c["net_cents"] != 0:
-            flag(order_id, f"order {order_id} compensated but {c['net_cents']} cents still taken")
-        reserved = held.get(order_id, {})
-        if s.expect == "compensated" and reserved:
-            flag(order_id, f"order {order_id} compensated but still holds stock {reserved}")
-        if s.expect == "fulfilled" and row is not None:
-            items = {i["sku"]: i["qty"] for i in row.items}
-            if reserved != items:
-                flag(order_id, f"order {order_id}: holds {reserved}, ordered {items}")
-    duplicates = {o: c["charges"] for o, c in charges.items() if c["charges"] > 1}
-    stock_bad = [r.sku for r in stock if r.on_hand + r.held != r.initial]
-    wrong += [f"order {o}: {n} successful charges" for o, n in duplicates.items()]
-    wrong += [f"stock of {sku}: on hand + held != initial" for sku in stock_bad]
-
-    fulfil = [
-        (orders[o].finished_at - orders[o].created_at).total_seconds()
-        for o, s in by_id.items()
-        if o in orders and orders[o].status == "fulfilled" and orders[o].finished_at
-    ]
-    latency_ms = [s.latency * 1000 for s in run.sent if s.status == 202]
-    ok = finished and not wrong and run.args.validation_ok
-
-    def r(x: float | None, nd: int) -> float | None:
-        return None if x is None else round(x, nd)
-
-    return {
-        "ok": ok,
-        "orders": len(run.sent),
-        "expected": dict(Counter(s.expect for s in run.sent)),
-        "fulfilled": sum(1 for o in orders.values() if o.status == "fulfilled"),
-        "compensated": sum(1 for o in orders.values() if o.run_state == "compensated"),
-        "runs": dict(outcome),
-        "as_designed": len(run.sent) - len(bad),
-        "post_latency_ms": {"p50": r(pct(latency_ms, 50), 1), "p95": r(pct(latency_ms, 95), 1)},
-        "fulfilment_s": {"p50": r(pct(fulfil, 50), 3), "p95": r(pct(fulfil, 95), 3)},
-        "max_charges_per_order": max((c["charges"] for c in charges.values()), default=0),
-        "duplicate_charges": len(duplicates),
-        "refunds": sum(c["refunds"] for c in charges.values()),
-        "provider": provider["stats"],
-        "payment_retries": int(pay_retries),
-        "stock_consistent": not stock_bad,
-        "invalid_carts_refused": run.args.validation_ok,
-        "reconcile": {
-            "reports": reports[0], "max_stale": reports[1], "runs": reconcile_runs[0],
-            "slots": reconcile_runs[1],
-        },
-        "restarts": run.sup.restarts(),
-        "finished": finished,
-        "problems": wrong[:20],
-    }
-
-
-def show_examples(run: Run) -> None:
-    """One order of each outcome, as ``GET /orders/{id}`` shows it."""
-    shown = set()
-    with httpx.Client(base_url=run.api, timeout=10.0) as client:
-        for s in run.sent:
-            if s.order_id is None or s.why in shown:
-                continue
-            shown.add(s.why)
-            doc = client.get(f"/orders/{s.order_id}").json()
-            steps = ", ".join(
-                f"{'undo ' if st['kind'] == 'compensation' else ''}{st['step']}={st['state']}"
-                + (f"(x{st['attempt']})" if st["attempt"] > 1 else "")
-                for st in doc["saga"]["steps"]
-            )
-            say(
-                f"  GET /orders/{s.order_id}  [{s.why}] order {doc['order']['status']}, "
-                f"saga {doc['saga']['state']}: {steps}"
-            )
-            # The API waits on the run's handle (woken when the run ends) for its outcome.
-            outcome = client.get(f"/orders/{s.order_id}/outcome", params={"wait": 5}).json()
-            what = outcome.get("result") or (outcome.get("error") or {}).get("message")
-            say(f"      outcome (run handle): {outcome['state']}: {json.dumps(what)[:120]}")
-
-
-def report(run: Run, summary: dict[str, Any]) -> None:
-    """The human-readable summary."""
-    say("")
-    say("== Summary")
-    say(f"  orders sent          {summary['orders']}  (designed: {summary['expected']})")
-    say(f"  fulfilled            {summary['fulfilled']}")
-    say(f"  compensated          {summary['compensated']}  (stock released, charges refunded)")
-    say(f"  as designed          {summary['as_designed']}/{summary['orders']}")
-    lat, ful = summary["post_latency_ms"], summary["fulfilment_s"]
-    say(f"  POST /orders latency p50 {lat['p50']} ms, p95 {lat['p95']} ms")
-    say(f"  time to fulfilment   p50 {ful['p50']} s, p95 {ful['p95']} s")
-    prov = summary["provider"]
-    say(
-        f"  provider             {prov.get('charge_calls', 0)} charge calls, "
-        f"{prov.get('injected_failures', 0)} answered 503 "
-        f"({prov.get('lost_answers', 0)} after charging), {prov.get('replays', 0)} replayed "
-        f"by idempotency key; {summary['payment_retries']} payment retries"
-    )
-    say(
-        f"  charges per order    max {summary['max_charges_per_order']}, "
-        f"duplicates {summary['duplicate_charges']}, refunds {summary['refunds']}"
-    )
-    say(f"  stock consistent     {summary['stock_consistent']}")
-    say(
-        f"  invalid carts        refused with 422, nothing written: "
-        f"{summary['invalid_carts_refused']}"
-    )
-    say(
-        f"  reconcile (schedule) {summary['reconcile']['reports']} reports, at most "
-        f"{summary['reconcile']['max_stale']} order(s) pending > {run.args.stale_after:.0f}s, "
-        f"{summary['reconcile']['runs']} runs for {summary['reconcile']['slots']} slots"
-    )
-    say(f"  process restarts     {summary['restarts']}")
-    for problem in summary["problems"]:
-        say(f"  PROBLEM: {problem}")
-    say(f"  result               {'OK' if summary['ok'] else 'FAILED'}")
-    say("")
-    compensated = next((s.order_id for s in run.sent if s.why == "declined" and s.order_id), None)
-    env = f"SAGA_DATABASE_URL={run.db_url.replace('+psycopg', '')}"
-    say("== Look further (the database is kept)")
-    say(f"  {env} .venv/bin/saga status")
-    if compensated:
-        say(f"  {env} .venv/bin/saga status order-{compensated}")
-    say(f"  {env} .venv/bin/saga list --state compensated")
-    say(f"  process logs: {run.sup.log_dir}")
-    say("")
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -738,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             dashboard_port=free_port(),
         )
         say(f"== Starting the stack (logs in {log_dir})")
-        start_stack(run, child_env(args, db_url, run.provider), api_port, provider_port)
+        start_stack(run, child_env(args, db_url, run.provider, run.api), api_port, provider_port)
         wait_ready(run, args.broker_url)
         say(
             f"  api {run.api}, provider {run.provider}, relay (+ reconcile schedule), workers "

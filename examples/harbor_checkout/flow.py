@@ -2,8 +2,15 @@
 
 ::
 
-    reserve_inventory -> charge_payment -> create_label  \\
-                                        -> send_receipt  -> mark_fulfilled
+    reserve_inventory -> charge_payment -> wait_for_capture -> create_label  \\
+                                                            -> send_receipt  -> cooling_off
+                                                                             -> mark_fulfilled
+
+``wait_for_capture`` waits (no worker held) for the ``payment_captured`` signal the API sends
+when the provider's webhook arrives (:func:`examples.harbor_checkout.api.payment_webhook`);
+with no webhook within ``HARBOR_CAPTURE_TIMEOUT`` seconds it fails once and for all and the
+order is compensated (the charge refunded). ``cooling_off`` is a durable timer
+(``HARBOR_COOLING_OFF`` seconds) before the order is marked fulfilled.
 
 ``release_inventory`` undoes ``reserve_inventory``, ``refund_payment`` undoes
 ``charge_payment`` and ``send_cancellation`` follows up a receipt that went out. When a step
@@ -47,10 +54,16 @@ PAYMENT_RETRY = RetryPolicy(
 )
 """Five attempts, 0.2 s, 0.4 s, 0.8 s, 1.6 s apart (plus up to 0.1 s of jitter)."""
 
+CAPTURED = "payment_captured"
+"""The signal the API sends a run when the provider's capture webhook for its order arrives."""
+ONCE = RetryPolicy(max_attempts=1)
+"""A capture that did not come in time is not waited for again: the order is compensated."""
+
 registry = saga.Registry()
 fulfill_order = Workflow(
-    "fulfill_order", version=1, retry=STEP_RETRY, queue="harbor", time_limit=15
+    "fulfill_order", version=2, retry=STEP_RETRY, queue="harbor", time_limit=15
 )
+_config = Config.from_env()  # the waits' lengths: every process of the demo gets the same
 
 
 @functools.cache
@@ -244,7 +257,13 @@ def refund_payment(ctx: StepContext) -> dict[str, Any]:
 fulfill_order.compensation(charge_payment)(refund_payment)
 
 
-@fulfill_order.step(after=[charge_payment])
+fulfill_order.wait_for_signal(
+    "wait_for_capture", signal=CAPTURED, timeout=_config.capture_timeout,
+    after=[charge_payment], retry=ONCE,
+)
+
+
+@fulfill_order.step(after=["wait_for_capture"])
 def create_label(ctx: StepContext) -> dict[str, Any]:
     """Buy a shipping label from the carrier (simulated: a short pause and a tracking number)."""
     order_id = _order_id(ctx)
@@ -293,16 +312,24 @@ def send_cancellation(ctx: StepContext) -> dict[str, Any]:
     return {"sent": sent}
 
 
-@fulfill_order.step(after=[charge_payment], queue="notifications", compensate=send_cancellation)
+@fulfill_order.step(after=["wait_for_capture"], queue="notifications", compensate=send_cancellation)
 def send_receipt(ctx: StepContext) -> dict[str, Any]:
     """Email the receipt (simulated: a row in ``notifications``, written once)."""
     sent = _notify(_order_id(ctx), "receipt", ctx.input["email"])
     return {"sent": sent, "to": ctx.input["email"]}
 
 
-@fulfill_order.step(after=[create_label, send_receipt])
+fulfill_order.sleep(
+    "cooling_off", for_=_config.cooling_off, after=[create_label, send_receipt]
+)
+
+
+# After create_label too: a step's ctx.results holds the steps it runs after, and this one
+# needs the tracking number.
+@fulfill_order.step(after=[create_label, "cooling_off"])
 def mark_fulfilled(ctx: StepContext) -> dict[str, Any]:
-    """The order is paid, labelled and confirmed: mark it ``fulfilled``."""
+    """The order is paid, captured, labelled and confirmed, and its cooling-off time is over:
+    mark it ``fulfilled``."""
     with db().begin() as conn:
         conn.execute(
             text(

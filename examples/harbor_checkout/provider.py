@@ -7,7 +7,13 @@ It behaves like a real provider where it matters to the saga:
 * it is slow (``PROVIDER_LATENCY_MS="20,150"``: a uniform delay per call) and flaky
   (``PROVIDER_FAILURE_RATE=0.2``: that share of calls answers 503; half of those *after* the
   charge was made, as when the answer is lost on the way back);
-* card token ``tok_declined`` is declined with 402.
+* card token ``tok_declined`` is declined with 402;
+* it tells the shop a payment was captured with a webhook, not in the charge's answer: with
+  ``PROVIDER_WEBHOOK_URL`` set, each charge is followed ``PROVIDER_WEBHOOK_DELAY_MS="200,1500"``
+  later by ``POST <url>`` ``{"type": "payment.captured", ...}`` (retried a few times if the
+  shop does not answer 2xx), except for a share ``PROVIDER_NO_WEBHOOK_RATE`` of the orders,
+  picked by their id (:func:`withholds_webhook`: the same orders on every run), which never
+  get one.
 
 ``PROVIDER_MAX_FAILURES_PER_KEY`` (default 3) caps the injected failures per idempotency key,
 so that, with five attempts, a demo order is never failed by bad luck alone; 0 lifts the cap.
@@ -19,6 +25,8 @@ Run: ``uvicorn examples.harbor_checkout.provider:app --port 8766``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 import os
 import random
 import uuid
@@ -26,11 +34,20 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
+import httpx
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 DECLINED_TOKEN = "tok_declined"
+log = logging.getLogger("harbor.provider")
+
+
+def withholds_webhook(order_id: str, rate: float) -> bool:
+    """Whether the provider never sends the capture webhook for ``order_id``, at a share
+    ``rate`` of the orders: decided by a hash of the id, so the demo knows it too."""
+    digest = hashlib.sha256(order_id.encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < rate
 
 
 @dataclass(frozen=True)
@@ -41,20 +58,31 @@ class Knobs:
     latency_ms: tuple[int, int] = (20, 150)
     max_failures_per_key: int = 3
     seed: int | None = None
+    webhook_url: str | None = None
+    webhook_delay_ms: tuple[int, int] = (200, 1500)
+    no_webhook_rate: float = 0.0
 
     @classmethod
     def from_env(cls) -> Knobs:
         """Knobs from ``PROVIDER_FAILURE_RATE``, ``PROVIDER_LATENCY_MS`` ("lo,hi"),
-        ``PROVIDER_MAX_FAILURES_PER_KEY`` and ``PROVIDER_SEED``."""
+        ``PROVIDER_MAX_FAILURES_PER_KEY``, ``PROVIDER_SEED``, ``PROVIDER_WEBHOOK_URL``,
+        ``PROVIDER_WEBHOOK_DELAY_MS`` ("lo,hi") and ``PROVIDER_NO_WEBHOOK_RATE``."""
         env = os.environ
-        lo, _, hi = env.get("PROVIDER_LATENCY_MS", "20,150").partition(",")
         seed = env.get("PROVIDER_SEED")
         return cls(
             failure_rate=float(env.get("PROVIDER_FAILURE_RATE", "0.2")),
-            latency_ms=(int(lo), int(hi or lo)),
+            latency_ms=_range(env.get("PROVIDER_LATENCY_MS", "20,150")),
             max_failures_per_key=int(env.get("PROVIDER_MAX_FAILURES_PER_KEY", "3")),
             seed=int(seed) if seed else None,
+            webhook_url=env.get("PROVIDER_WEBHOOK_URL") or None,
+            webhook_delay_ms=_range(env.get("PROVIDER_WEBHOOK_DELAY_MS", "200,1500")),
+            no_webhook_rate=float(env.get("PROVIDER_NO_WEBHOOK_RATE", "0")),
         )
+
+
+def _range(spec: str) -> tuple[int, int]:
+    lo, _, hi = spec.partition(",")
+    return int(lo), int(hi or lo)
 
 
 @dataclass
@@ -81,6 +109,8 @@ class Ledger:
     declined: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
     stats: Counter[str] = field(default_factory=Counter)
+    deliveries: set[asyncio.Task[None]] = field(default_factory=set)
+    """Webhooks on their way (held here so that the event loop does not drop them)."""
 
     def flaky(self, key: str) -> bool:
         """Whether this call should fail (at most ``max_failures_per_key`` times per key)."""
@@ -184,7 +214,50 @@ async def create_charge(req: ChargeIn, key: IdempotencyKey) -> JSONResponse:
         idempotency_key=key,
     )
     ledger.charges[charge.id] = charge
+    _schedule_webhook(charge)
     return _answer(key, 201, {"charge_id": charge.id, "amount_cents": charge.amount_cents})
+
+
+def _schedule_webhook(charge: Charge) -> None:
+    """Send the capture webhook of ``charge`` later, unless its order is one that gets none."""
+    url = ledger.knobs.webhook_url
+    if url is None:
+        return
+    if withholds_webhook(charge.order_id, ledger.knobs.no_webhook_rate):
+        ledger.stats["webhooks_withheld"] += 1
+        return
+    lo, hi = ledger.knobs.webhook_delay_ms
+    task = asyncio.get_running_loop().create_task(
+        _deliver(url, charge, ledger.rng.uniform(lo, hi) / 1000)
+    )
+    ledger.deliveries.add(task)
+    task.add_done_callback(ledger.deliveries.discard)
+
+
+async def _deliver(url: str, charge: Charge, delay: float, tries: int = 5) -> None:
+    """POST the ``payment.captured`` event, retried (same event id) until the shop answers
+    2xx, ``tries`` times at most."""
+    await asyncio.sleep(delay)
+    event = {
+        "event_id": "evt_" + charge.id,
+        "type": "payment.captured",
+        "order_id": charge.order_id,
+        "charge_id": charge.id,
+        "amount_cents": charge.amount_cents,
+    }
+    async with httpx.AsyncClient(timeout=5.0) as client:
+        for attempt in range(1, tries + 1):
+            try:
+                resp = await client.post(url, json=event)
+                if resp.is_success:
+                    ledger.stats["webhooks_sent"] += 1
+                    return
+                problem = f"answered {resp.status_code}"
+            except httpx.HTTPError as exc:
+                problem = type(exc).__name__
+            ledger.stats["webhook_failures"] += 1
+            log.warning("webhook %s to %s: %s (try %d)", event["event_id"], url, problem, attempt)
+            await asyncio.sleep(0.5 * attempt)
 
 
 @app.post("/v1/refunds")

@@ -44,7 +44,7 @@ from saga.store.base import Tables
 
 CSRF_COOKIE = "saga_csrf"
 PAGE_SIZE = 50
-ACTIONS = ("retry", "cancel", "resolve")
+ACTIONS = ("retry", "cancel", "resolve", "signal")
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
@@ -240,7 +240,8 @@ class Dashboard:
             return Response("the saga[metrics] extra is not installed\n", status_code=503)
 
     async def action(self, request: Request) -> Response:
-        """``POST /runs/{ref}/{action}``: retry (optionally from a step), cancel, resolve."""
+        """``POST /runs/{ref}/{action}``: retry (optionally from a step), cancel, resolve, or
+        signal (``name`` and a JSON ``data`` payload, as ``saga signal``)."""
         form = await request.form()
         action = request.path_params["action"]
         ref = request.path_params["ref"]
@@ -255,20 +256,35 @@ class Dashboard:
         assert self.token is not None and self.saga is not None
         if not hmac.compare_digest(self.token.encode(), str(form.get("token", "")).encode()):
             return self.message(request, 403, "Refused", "wrong or missing operator token")
-        text = str(form.get("reason", "")).strip() or None
+        fields = {k: str(form.get(k, "")).strip() for k in ("reason", "from_step", "name", "data")}
         try:
-            state = self._act(action, ref, text, str(form.get("from_step", "")).strip() or None)
+            done = self._act(action, ref, fields)
         except UnknownRunError as exc:
             return self.message(request, 404, "No such run", str(exc))
+        except CliError as exc:
+            return self.message(request, 400, "Bad request", exc.message)
         except (InvalidTransitionError, SagaError) as exc:
             return self.message(request, 409, "Not allowed", str(exc))
-        done = urlencode({"done": f"{action}: the run is now {state}"})
-        return RedirectResponse(f"/runs/{ref}?{done}", status_code=303)
+        return RedirectResponse(f"/runs/{ref}?{urlencode({'done': done})}", status_code=303)
 
-    def _act(self, action: str, ref: str, reason: str | None, from_step: str | None) -> str:
+    def _act(self, action: str, ref: str, fields: dict[str, str]) -> str:
+        """Carry out ``action`` through the engine's operator calls (the CLI's); what was
+        done, for the page."""
         assert self.saga is not None
+        if action == "signal":
+            try:
+                payload = json.loads(fields["data"] or "null")
+            except ValueError as exc:
+                raise CliError(f"the payload is not JSON: {exc}") from None
+            outcome = self.saga.signal_now(ref, fields["name"], payload)
+            return f"signal {fields['name']!r}: {outcome}"
+        return f"{action}: the run is now {self._change(action, ref, fields)}"
+
+    def _change(self, action: str, ref: str, fields: dict[str, str]) -> str:
+        assert self.saga is not None
+        reason = fields["reason"] or None
         if action == "retry":
-            return self.saga.retry(ref, from_step)
+            return self.saga.retry(ref, fields["from_step"] or None)
         if action == "cancel":
             return self.saga.cancel(ref, reason)
         if reason is None:

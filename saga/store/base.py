@@ -122,10 +122,15 @@ class Statement:
 
     def first(self, conn: Connection, params: dict[str, Any]) -> dict[str, Any] | None:
         """Run on ``conn``'s driver connection (in its transaction, if any); the first row."""
+        import psycopg
         from psycopg.rows import dict_row
 
-        raw = conn.connection.driver_connection
-        assert raw is not None
+        raw = getattr(getattr(conn, "connection", None), "driver_connection", None)
+        if not isinstance(raw, psycopg.Connection):
+            # Not a synchronous psycopg connection (Django's, or the asyncio driver under
+            # ``run_sync``): the caller's own execution path, in its transaction.
+            row = conn.execute(self.clause, params).mappings().first()
+            return None if row is None else dict(row)
         with raw.cursor(row_factory=dict_row) as cursor:
             cursor.execute(self.sql, params)
             found: dict[str, Any] | None = cursor.fetchone()

@@ -9,6 +9,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -52,12 +53,12 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 def dashboard(system: System) -> str:
-    """``saga dashboard --app ...`` with an operator token; its base URL."""
+    """``saga dashboard --app <the system's app>`` with an operator token; its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**system.env, "SAGA_DASHBOARD_TOKEN": TOKEN, "PYTHONPATH": str(REPO)}
-    argv = [str(BIN / "saga"), "dashboard", "--app", "tests.apps.flows:app", "--port", str(port)]
+    argv = [str(BIN / "saga"), "dashboard", "--app", system.app, "--port", str(port)]
     system.supervisor.start("dashboard", argv, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
 
@@ -152,6 +153,58 @@ def test_an_action_without_the_operator_token_is_refused(
     # The dashboard's /metrics (a process of its own: its own meter provider).
     metrics = httpx.get(dashboard + "/metrics", timeout=10).text
     assert 'saga_state="cancell' in metrics and "saga_runs" in metrics
+
+
+def _waiting_workflows(queue: str) -> list[Any]:
+    from tests.apps import waiting
+
+    return waiting.workflows(queue)
+
+
+@pytest.mark.parametrize(
+    "system_app", [("tests.apps.waiting:app", _waiting_workflows)], ids=["waiting"]
+)
+def test_a_signal_sent_from_the_run_page_completes_the_waiting_step_and_needs_the_token(
+    system: System, dashboard: str, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    system.start_relay()
+    system.start_worker()
+    [run_id] = system.start_runs("w.signalled", {})
+
+    def paid() -> str:
+        return next(s["state"] for s in system.engine.get_run(run_id)["steps"]
+                    if s["step"] == "paid")
+
+    wait_until(lambda: paid() == "suspended", timeout=30, interval=0.2,
+               message="the signal wait did not begin")
+
+    def send(token: str | None) -> None:
+        browser.get(f"{dashboard}/runs/{run_id}")
+        form = browser.find_element(By.ID, "signal-paid")
+        assert form.find_element(By.NAME, "name").get_attribute("value") == "payment_captured"
+        data = form.find_element(By.NAME, "data")
+        data.clear()
+        data.send_keys('{"amount": 12}')
+        if token:
+            form.find_element(By.NAME, "token").send_keys(token)
+        form.find_element(By.TAG_NAME, "button").click()
+
+    send(None)
+    title = wait_until(lambda: text_of(browser, "message-title"), timeout=20, interval=0.2,
+                       message="no answer to the signal without a token")
+    assert title == "Refused"
+    assert "operator token" in text_of(browser, "message")
+    assert paid() == "suspended"
+
+    send(TOKEN)
+    shown = wait_until(lambda: text_of(browser, "done") or text_of(browser, "message"),
+                       timeout=20, interval=0.2, message="no answer to the signal")
+    assert "signal 'payment_captured': delivered" in shown
+    wait_until(lambda: text_of(browser, "run-state") == "completed", timeout=30, interval=0.2,
+               message="the run did not complete after its signal")
+    assert paid() == "completed"
+    assert system.engine.get_run(run_id)["result"]["end"] == {"after": ["paid"]}
+    screenshot(browser, tmp_path, "dashboard-signalled")
 
 
 def test_a_script_in_a_step_name_an_input_or_a_key_is_shown_as_text(

@@ -191,3 +191,39 @@ def test_a_run_started_in_djangos_transaction_goes_out_when_it_commits(shop_db: 
         assert len(recording.sent) == 1, "a rolled-back start publishes nothing"
     finally:
         engine.dispatcher = None
+
+
+def test_a_signal_in_djangos_transaction_is_delivered_when_it_commits_and_never_if_not(
+    shop_db: str,
+) -> None:
+    from django.db import transaction
+    from shop.models import Order
+
+    from saga.contrib import django as saga_django
+    from saga.testing import drain
+
+    engine = saga_django.engine()
+    run_id = engine.start_now("shop.delivery", {}, key="delivery-1").run_id
+    drain(engine)
+
+    def waiting() -> str:
+        return next(s["state"] for s in engine.get_run(run_id)["steps"])
+
+    assert waiting() == "suspended"
+    with pytest.raises(ViewFailedError), transaction.atomic():
+        Order.objects.create(email="rolled@example.com")
+        assert saga_django.signal("delivery-1", "parcel_delivered", {"n": 1}) == "delivered"
+        raise ViewFailedError
+    assert waiting() == "suspended"
+    assert count(shop_db, "SELECT count(*) FROM saga.signals WHERE run_id = :id", id=run_id) == 0
+
+    with transaction.atomic():
+        order = Order.objects.create(email="kept@example.com")
+        assert saga_django.signal("delivery-1", "parcel_delivered", {"n": 2}) == "delivered"
+        # In Django's transaction: nobody else sees the signal yet.
+        assert count(shop_db, "SELECT count(*) FROM saga.signals WHERE run_id = :id",
+                     id=run_id) == 0
+    assert count(shop_db, ORDER, id=order.id) == 1
+    drain(engine)
+    run = engine.get_run(run_id)
+    assert (run["state"], run["result"]) == ("completed", {"delivered": {"n": 2}})

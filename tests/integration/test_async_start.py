@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 
-from saga import KeyConflictError, KeyPolicy, Saga
+from saga import KeyConflictError, KeyPolicy, Registry, Saga, Workflow
 from saga.testing import drain
 
 
@@ -83,3 +83,36 @@ def test_an_async_start_follows_the_key_policy(saga_engine: Saga, db_url: str) -
     first, again = run_async(db_url, body)
     assert (again.run_id, again.created) == (first.run_id, False)
     assert count(saga_engine, "SELECT count(*) FROM saga.runs") == 1
+
+
+def _waiting_engine(db_url: str) -> Saga:
+    wf = Workflow("it.wait_async")
+    wf.wait_for_signal("paid", signal="payment_captured", timeout=60)
+    return Saga(Registry(wf), database_url=db_url)
+
+
+def test_an_async_signal_is_delivered_with_the_callers_write_and_not_if_it_rolls_back(
+    db_url: str,
+) -> None:
+    saga = _waiting_engine(db_url)
+    run = saga.start_now("it.wait_async", {})
+    drain(saga)
+
+    async def body(engine: AsyncEngine) -> str:
+        async with AsyncSession(engine) as session:
+            async with session.begin():
+                await session.execute(text("INSERT INTO orders VALUES (1)"))
+                assert await saga.signal_async(session, run.run_id, "payment_captured", 1) == (
+                    "delivered"
+                )
+                await session.rollback()
+            async with session.begin():
+                await session.execute(text("INSERT INTO orders VALUES (2)"))
+                return await saga.signal_async(session, run.run_id, "payment_captured", 2)
+
+    try:
+        assert run_async(db_url, body) == "delivered"
+        assert count(saga, "SELECT count(*) FROM orders") == 1
+        assert saga.get_run(run.run_id)["result"] == {"paid": 2}
+    finally:
+        saga.engine.dispose()

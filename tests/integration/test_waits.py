@@ -276,6 +276,38 @@ def test_the_dashboard_shows_what_a_suspended_step_waits_for(engine: Saga) -> No
     assert "waits for signal <code>payment_captured</code> until" in page.text
 
 
+def test_the_dashboards_signal_action_needs_the_token_and_json_and_completes_the_wait(
+    engine: Saga,
+) -> None:
+    import re
+
+    from starlette.testclient import TestClient
+
+    from saga.dashboard.app import create_app
+
+    run = engine.start_now("w.first", {})
+    drain(engine)
+    c = TestClient(create_app(engine.engine, engine.tables, saga=engine, token="s3cret"))
+    page = c.get(f"/runs/{run.run_id}").text
+    assert 'id="signal-go"' in page and 'name="name" value="go"' in page
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found
+    form = {"csrf": found[1], "name": "go", "data": '{"n": 1}'}
+    refused = c.post(f"/runs/{run.run_id}/signal", data={**form, "token": "guess"})
+    assert refused.status_code == 403 and "operator token" in refused.text
+    bad = c.post(f"/runs/{run.run_id}/signal", data={**form, "token": "s3cret", "data": "{"})
+    assert bad.status_code == 400 and "not JSON" in bad.text
+    assert _state(engine, run.run_id, "go") == "suspended"
+    sent = c.post(f"/runs/{run.run_id}/signal", data={**form, "token": "s3cret"},
+                  follow_redirects=False)
+    assert sent.status_code == 303 and "delivered" in sent.headers["location"]
+    drain(engine)
+    assert engine.get_run(run.run_id)["result"] == {"go": {"n": 1}}
+    assert 'id="signal-go"' not in c.get(f"/runs/{run.run_id}").text
+    again = c.post(f"/runs/{run.run_id}/signal", data={**form, "token": "s3cret"})
+    assert again.status_code == 409  # the run has ended: it refuses the signal
+
+
 def test_a_signal_sent_while_its_wait_begins_is_not_missed(engine: Saga) -> None:
     import threading
 

@@ -25,16 +25,23 @@ Configuration is the ``SAGA`` setting::
 ``manage.py saga_migrate`` migrates saga's schema into that database, ``manage.py saga_relay``
 runs the relay. In the Celery app module: ``saga.install(app, saga_django.engine())``.
 
+Signals too are sent in Django's transaction (:func:`signal`): the webhook a view records and
+the signal that wakes the waiting run commit together::
+
+    with transaction.atomic():
+        Delivery.objects.create(order=order, carrier_ref=ref)
+        saga_django.signal(f"order-{order.id}", "parcel_delivered", {"ref": ref})
+
 Anything saga does in the caller's transaction takes :func:`connection` as its target
-(``engine().start(connection(), ...)`` is what :func:`start` does), so later in-transaction
-calls (signals) work on Django's connection the same way.
+(``engine().start(connection(), ...)`` is what :func:`start` does).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +61,7 @@ _DJANGO_ONLY_OPTIONS = frozenset(
     {"server_side_binding", "pool", "isolation_level", "assume_role", "cursor_factory"}
 )
 _DIALECT = pg_psycopg.dialect()  # type: ignore[no-untyped-call]
+_JSON_OIDS = frozenset({114, 3802})  # json, jsonb
 
 
 def config() -> dict[str, Any]:
@@ -132,6 +140,9 @@ class _Rows:
     def mappings(self) -> _Rows:
         return _Rows(self.names, [dict(zip(self.names, r, strict=True)) for r in self.rows])
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
     def first(self) -> Any:
         return self.rows[0] if self.rows else None
 
@@ -163,7 +174,16 @@ class DjangoConnection:
             cursor.execute(str(compiled), params)
             if cursor.description is None:
                 return _Rows([], [])
-            return _Rows([c[0] for c in cursor.description], cursor.fetchall())
+            names = [c[0] for c in cursor.description]
+            # Django loads json and jsonb as text (its JSONField decodes them itself); saga's
+            # statements expect them decoded, as SQLAlchemy's psycopg connections give them.
+            decode = [c[1] in _JSON_OIDS for c in cursor.description]
+            rows = [
+                tuple(json.loads(v) if d and isinstance(v, str) else v
+                      for v, d in zip(row, decode, strict=True))
+                for row in cursor.fetchall()
+            ]
+            return _Rows(names, rows)
 
     def on_commit(self, callback: Callable[[], object]) -> None:
         """Run ``callback`` once Django's current transaction commits (at once in
@@ -193,3 +213,12 @@ def start(
     return engine(using).start(
         connection(using), workflow, input, key=key, version=version, key_policy=key_policy
     )
+
+
+def signal(run_or_key: str, name: str, payload: JSON = None, *, using: str | None = None) -> str:
+    """Send the signal ``name`` with ``payload`` to the run whose id or business key is
+    ``run_or_key``, in Django's current transaction on connection ``using``: inside
+    ``transaction.atomic()`` it is delivered once the block commits, and never if it rolls
+    back. Returns and raises what :meth:`saga.Saga.signal` does (``"delivered"``,
+    ``"stored"`` or ``"duplicate"``; :class:`~saga.errors.SignalRefusedError`)."""
+    return engine(using).signal(connection(using), run_or_key, name, payload)

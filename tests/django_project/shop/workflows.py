@@ -1,4 +1,5 @@
-"""The checkout workflow: its step marks the order paid through Django's ORM on the worker."""
+"""The checkout workflow: its step marks the order paid through Django's ORM on the worker. The
+delivery workflow waits for the signal ``parcel_delivered``."""
 
 from __future__ import annotations
 
@@ -19,4 +20,7 @@ def pay(ctx: StepContext) -> dict[str, Any]:
     return {"paid": ctx.input["order_id"]}
 
 
-registry = Registry(checkout)
+delivery = Workflow("shop.delivery", queue=os.environ.get("SHOP_QUEUE", "saga"))
+delivery.wait_for_signal("delivered", signal="parcel_delivered", timeout=600)
+
+registry = Registry(checkout, delivery)
