@@ -142,9 +142,12 @@ class Lifecycle:
         )
         ready = [{**wf.route(s), "attempt": 1} for s, n in pending.items() if n == 0]
         self.outbox.enqueue(conn, run_id, "compensation", ready, run["trace_context"])
-        self.history.append(
-            conn, run_id, "compensation_started", detail={"compensations": sorted(pending)}
-        )
+        # A map's instances are counted, not listed (there may be 100,000 of them).
+        declared = sorted(s for s in pending if wf.map_of(s) is None)
+        detail: dict[str, Any] = {"compensations": declared}
+        if len(declared) < len(pending):
+            detail["map_instances"] = len(pending) - len(declared)
+        self.history.append(conn, run_id, "compensation_started", detail=detail)
         return run["state"]  # type: ignore[no-any-return]
 
     def advance(self, conn: Connection, run_id: str) -> str:

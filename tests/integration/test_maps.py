@@ -8,9 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
-from saga import Registry, RetryPolicy, Saga, Settings, Workflow
+from saga import PermanentError, Registry, RetryPolicy, Saga, Settings, Workflow
+from saga.cli.main import cli
 from saga.context import StepContext
 from saga.testing import drain
 
@@ -54,11 +56,29 @@ def make_map(name: str = "it.map", max_parallel: int | None = None) -> Workflow:
     return wf
 
 
+def failing_join(ctx: StepContext) -> None:
+    raise PermanentError("the join refuses")
+
+
+def undo_join(ctx: StepContext) -> None:
+    record("undo join", ctx.outcome)
+
+
+def make_failing_join() -> Workflow:
+    wf = Workflow("it.map_join_fails", retry=NO_WAIT)
+    wf.add_step("items", items, compensate=undo_items)
+    wf.map("squares", square, over="items", compensate=undo_square)
+    wf.add_step("join", failing_join, after=["squares"], compensate=undo_join)
+    return wf
+
+
 @pytest.fixture
 def saga_engine(db_url: str) -> Iterator[Saga]:
     calls.clear()
     engine = create_engine(db_url, pool_size=5, max_overflow=10)
-    registry = Registry(make_map(), make_map("it.map_lanes", max_parallel=3))
+    registry = Registry(
+        make_map(), make_map("it.map_lanes", max_parallel=3), make_failing_join()
+    )
     try:
         yield Saga(registry, engine=engine, settings=Settings())
     finally:
@@ -148,13 +168,16 @@ def test_an_instance_that_fails_for_good_compensates_the_completed_instances_and
     assert got["state"] == "compensated"
     assert got["error"]["step"] == "squares[00004]"
     undone = calls["undo square"]
-    # Lanes of 3: instance 7 waits for 4, which failed, so it never starts; every other
-    # instance started (8 after 5) and is undone, 4 as failed, the others as completed.
+    # Lanes of 3: instance 7 waits for 4, which failed, so it never starts; whichever of the
+    # others started before the run stopped are undone, 4 as failed, the others as completed.
+    rows = {r["step"]: r for r in got["steps"] if r["kind"] == "step"}
+    started = {i for i in range(9) if rows[f"squares[{i:05d}]"]["started_at"] is not None}
+    assert {0, 1, 2, 3, 4} <= started and 7 not in started
     assert sorted(undone, key=lambda u: u[0]) == [
         (i, "completed", {"index": i, "square": i * i,
                           "key": f"{run.run_id}:step:squares[{i:05d}]"})
         if i != 4 else (4, "failed", None)
-        for i in range(9) if i != 7
+        for i in sorted(started)
     ]
     assert calls["undo items"] == ["completed"]
     history = [(h["event"], h["kind"], h["step"]) for h in got["history"]]
@@ -167,6 +190,47 @@ def test_an_instance_that_fails_for_good_compensates_the_completed_instances_and
     assert states["squares[00007]"] == "skipped" and states["join"] == "skipped"
     assert not any(h["step"] == "squares[00007]" and h["kind"] == "compensation"
                    for h in got["history"])
+
+
+def test_a_failed_join_is_undone_first_then_every_instance_then_the_source(
+    saga_engine: Saga,
+) -> None:
+    run = saga_engine.start_now("it.map_join_fails", {"n": 5})
+
+    drain(saga_engine)
+
+    got = saga_engine.get_run(run.run_id)
+    assert got["state"] == "compensated"
+    assert calls["undo join"] == ["failed"]
+    assert sorted(i for i, _, _ in calls["undo square"]) == [0, 1, 2, 3, 4]
+    done = [h["step"] for h in got["history"]
+            if h["event"] == "step_completed" and h["kind"] == "compensation"]
+    assert done[0] == "join" and done[-1] == "items"
+    assert sorted(done[1:-1]) == ["squares", *(f"squares[{i:05d}]" for i in range(5))]
+    assert done[1] == "squares"  # the barrier, which makes the instances' undoing ready
+
+
+def test_saga_status_of_a_run_summarises_each_map_and_lists_its_failed_instances(
+    saga_engine: Saga, db_url: str
+) -> None:
+    run = saga_engine.start_now("it.map_lanes", {"n": 9, "fail_at": 4})
+    drain(saga_engine)
+
+    shown = CliRunner().invoke(
+        cli, ["--plain", "--database-url", db_url, "status", run.run_id], catch_exceptions=False
+    ).stdout
+
+    steps = saga_engine.get_run(run.run_id)["steps"]
+    started = sum(1 for r in steps if r["kind"] == "step" and r["started_at"]
+                  and r["step"].startswith("squares["))
+    skipped = 9 - started
+    assert f"Map 'squares': 9 instances ({started - 1} done, 1 failed, {skipped} skipped)" in (
+        shown
+    )
+    assert "failed squares[00004] attempt 2: item 4 is refused" in shown
+    assert f"Compensations of map 'squares': {started} instances ({started} done)" in shown
+    assert "squares[00000]" not in shown  # no line per instance
+    assert "events of map instances not shown" in shown
 
 
 def test_an_instance_row_holds_its_item_and_nothing_scans_siblings_to_find_it(
