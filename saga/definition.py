@@ -414,9 +414,10 @@ class Workflow:
     @cached_property
     def definition_hash(self) -> str:
         """A hash of the graph that pins a run: its steps, their dependencies, which have a
-        compensation, and each step's kind. Policies (retries, time limits, queues,
-        priorities) and the code's names are not in it: they may change under running runs and
-        apply from the next attempt, while a changed graph needs a new ``version``."""
+        compensation, each step's kind, and a map's ``max_parallel``. Policies (retries, time
+        limits, queues, priorities) and the code's names are not in it: they may change under
+        running runs and apply from the next attempt, while a changed graph needs a new
+        ``version``."""
         doc = {
             "name": self.name,
             "version": self.version,
@@ -427,6 +428,8 @@ class Workflow:
                     "kind": s.runner.identity.partition(":")[0],
                     "compensated": s.compensation is not None
                     or (isinstance(s.runner, MapStep) and s.runner.compensation is not None),
+                    # A map's lanes shape its instances' graph (which one releases which).
+                    **({"lanes": s.runner.max_parallel} if isinstance(s.runner, MapStep) else {}),
                 }
                 for s in self._steps.values()
             ],

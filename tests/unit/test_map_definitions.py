@@ -88,3 +88,9 @@ def test_a_map_with_a_compensation_changes_the_definition_hash() -> None:
     plain.add_step("src", _src)
     plain.map("each", _fn, over="src")
     assert plain.definition_hash != _wf().definition_hash
+
+
+def test_changing_a_maps_max_parallel_changes_the_definition_hash() -> None:
+    # Which instance releases which depends on it: a running run must keep its own.
+    assert _wf(max_parallel=3).definition_hash != _wf(max_parallel=4).definition_hash
+    assert _wf().definition_hash != _wf(max_parallel=4).definition_hash
