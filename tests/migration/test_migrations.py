@@ -187,9 +187,7 @@ def test_downgrading_below_waits_takes_suspended_steps_and_signals_away(empty_db
     engine = create_engine(empty_db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
-                " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
+            _insert_run(conn, run_id)
             conn.execute(text(
                 "INSERT INTO saga.step_runs (run_id, kind, step, state, attempt, pending_deps,"
                 " wake_at, signal) VALUES (:id, 'step', 'paid', 'suspended', 1, 0,"
@@ -220,9 +218,7 @@ def test_downgrading_below_maps_keeps_the_instances_rows_without_their_items(
     engine = create_engine(empty_db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
-                " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
+            _insert_run(conn, run_id)
             conn.execute(text(
                 "INSERT INTO saga.step_runs (run_id, kind, step, state, attempt, pending_deps,"
                 " item) VALUES (:id, 'step', 'each[00000]', 'ready', 1, 0, '{\"n\": 1}')"),
@@ -236,3 +232,9 @@ def test_downgrading_below_maps_keeps_the_instances_rows_without_their_items(
         assert migrate.current(empty_db_url) == "0007_maps" == migrate.head()
     finally:
         engine.dispose()
+
+
+def _insert_run(conn: Any, run_id: Any) -> None:
+    conn.execute(text(
+        "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
+        " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
