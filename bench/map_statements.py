@@ -59,10 +59,12 @@ def workflow() -> Workflow:
 class Counting:
     """Counts every statement an engine's connections send (see the module)."""
 
+    _original = Statement.first
+
     def __init__(self, engine: Any) -> None:
         self.by_kind: Counter[str] = Counter()
         event.listen(engine, "before_cursor_execute", self._sqlalchemy)
-        original = Statement.first
+        original = Counting._original
         counting = self
 
         def first(self: Statement, conn: Any, params: dict[str, Any]) -> Any:
@@ -70,6 +72,11 @@ class Counting:
             return original(self, conn, params)
 
         Statement.first = first  # type: ignore[method-assign]
+
+    @classmethod
+    def restore(cls) -> None:
+        """Stop counting the hot path's statements (the wrapper is process-wide)."""
+        Statement.first = cls._original  # type: ignore[method-assign]
 
     def _sqlalchemy(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         self.by_kind["through SQLAlchemy"] += 1

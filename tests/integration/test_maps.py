@@ -72,16 +72,36 @@ def make_failing_join() -> Workflow:
     return wf
 
 
+ENGINES: list[Saga] = []
+
+
+def cancelling(ctx: StepContext) -> int:
+    if ctx.index == ctx.input["cancel_at"]:
+        ENGINES[-1].cancel(ctx.run_id, "enough")
+    return int(ctx.item)
+
+
+def make_cancelled() -> Workflow:
+    wf = Workflow("it.map_cancelled", retry=NO_WAIT)
+    wf.add_step("items", items, compensate=undo_items)
+    wf.map("squares", cancelling, over="items", max_parallel=1, compensate=undo_square)
+    wf.add_step("join", join, after=["squares"])
+    return wf
+
+
 @pytest.fixture
 def saga_engine(db_url: str) -> Iterator[Saga]:
     calls.clear()
     engine = create_engine(db_url, pool_size=5, max_overflow=10)
     registry = Registry(
-        make_map(), make_map("it.map_lanes", max_parallel=3), make_failing_join()
+        make_map(), make_map("it.map_lanes", max_parallel=3), make_failing_join(),
+        make_cancelled(),
     )
     try:
-        yield Saga(registry, engine=engine, settings=Settings())
+        ENGINES.append(Saga(registry, engine=engine, settings=Settings()))
+        yield ENGINES[-1]
     finally:
+        ENGINES.clear()
         engine.dispose()
 
 
@@ -208,6 +228,46 @@ def test_a_failed_join_is_undone_first_then_every_instance_then_the_source(
     assert done[0] == "join" and done[-1] == "items"
     assert sorted(done[1:-1]) == ["squares", *(f"squares[{i:05d}]" for i in range(5))]
     assert done[1] == "squares"  # the barrier, which makes the instances' undoing ready
+
+
+def test_a_run_cancelled_during_a_map_undoes_the_started_instances_and_skips_the_others(
+    saga_engine: Saga,
+) -> None:
+    run = saga_engine.start_now("it.map_cancelled", {"n": 10, "cancel_at": 3})
+
+    drain(saga_engine)
+
+    got = saga_engine.get_run(run.run_id)
+    assert got["state"] == "cancelled"
+    # One at a time: 0..3 ran (3 cancelled the run while it ran, and completed), 4..9 never.
+    assert sorted(i for i, _, _ in calls["undo square"]) == [0, 1, 2, 3]
+    assert {outcome for _, outcome, _ in calls["undo square"]} == {"completed"}
+    assert calls["undo items"] == ["completed"]
+    states = step_states(saga_engine, run.run_id)
+    assert {states[f"squares[{i:05d}]"] for i in range(4, 10)} == {"skipped"}
+    assert "join" not in calls
+
+
+def test_the_statements_of_a_map_grow_linearly_with_its_items(db_url: str) -> None:
+    from bench.map_statements import Counting, workflow
+
+    engine = create_engine(db_url, pool_size=5, max_overflow=5)
+    try:
+        saga = Saga(Registry(workflow()), engine=engine, settings=Settings())
+        counting = Counting(engine)
+        per_item = []
+        for n in (30, 300):
+            saga.start_now("bench.map", {"n": n})
+            counting.by_kind.clear()
+            drain(saga, timeout=120)
+            per_item.append(counting.total / n)
+    finally:
+        Counting.restore()
+        engine.dispose()
+    # Ordinary steps and the relay's batches cost a constant per item; a scan of the siblings
+    # per completion would cost ten times more per item at ten times the items.
+    assert per_item[1] <= per_item[0] * 1.05
+    assert per_item[1] < 4
 
 
 def test_saga_status_of_a_run_summarises_each_map_and_lists_its_failed_instances(
