@@ -293,6 +293,25 @@ def test_saga_status_of_a_run_summarises_each_map_and_lists_its_failed_instances
     assert "events of map instances not shown" in shown
 
 
+def test_the_dashboard_shows_a_maps_summary_and_its_failed_instance_not_every_instance(
+    saga_engine: Saga,
+) -> None:
+    from starlette.testclient import TestClient
+
+    from saga.dashboard.app import create_app
+
+    run = saga_engine.start_now("it.map_lanes", {"n": 9, "fail_at": 4})
+    drain(saga_engine)
+
+    page = TestClient(create_app(saga_engine.engine, saga_engine.tables, saga=saga_engine)).get(
+        f"/runs/{run.run_id}"
+    ).text
+
+    assert '<table id="maps">' in page
+    assert "squares[00004] (attempt 2): item 4 is refused" in page
+    assert "<td>squares[00000]</td>" not in page
+
+
 def test_an_instance_row_holds_its_item_and_nothing_scans_siblings_to_find_it(
     saga_engine: Saga,
 ) -> None:
