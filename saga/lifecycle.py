@@ -115,8 +115,8 @@ class Lifecycle:
         rows = self.steps.of_run(conn, run_id)
         if any(r["kind"] == "compensation" for r in rows):
             return run["state"]  # type: ignore[no-any-return]
-        for step in self.steps.skip_unstarted(conn, run_id):
-            self.history.append(conn, run_id, "step_skipped", kind="step", step=step)
+        skipped = self.steps.skip_unstarted(conn, run_id)
+        self.history.append_steps(conn, run_id, "step_skipped", "step", skipped)
         self.outbox.drop_unstarted(conn, run_id)
         wf = self.registry.get(run["workflow"], run["version"])
         with_comp = {s for s in wf.step_names if wf[s].compensation is not None}
