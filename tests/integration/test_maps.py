@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, text
 from saga import PermanentError, Registry, RetryPolicy, Saga, Settings, Workflow
 from saga.cli.main import cli
 from saga.context import StepContext
+from saga.errors import InvalidTransitionError
 from saga.testing import drain
 
 NO_WAIT = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.02, jitter=0)
@@ -75,6 +76,14 @@ def make_failing_join() -> Workflow:
 ENGINES: list[Saga] = []
 
 
+def make_plain() -> Workflow:
+    wf = Workflow("it.map_plain", retry=NO_WAIT)
+    wf.add_step("items", items)
+    wf.map("squares", square, over="items")
+    wf.add_step("join", join, after=["squares"])
+    return wf
+
+
 def cancelling(ctx: StepContext) -> int:
     if ctx.index == ctx.input["cancel_at"]:
         ENGINES[-1].cancel(ctx.run_id, "enough")
@@ -95,7 +104,7 @@ def saga_engine(db_url: str) -> Iterator[Saga]:
     engine = create_engine(db_url, pool_size=5, max_overflow=10)
     registry = Registry(
         make_map(), make_map("it.map_lanes", max_parallel=3), make_failing_join(),
-        make_cancelled(),
+        make_cancelled(), make_plain(),
     )
     try:
         ENGINES.append(Saga(registry, engine=engine, settings=Settings()))
@@ -268,6 +277,19 @@ def test_the_statements_of_a_map_grow_linearly_with_its_items(db_url: str) -> No
     # per completion would cost ten times more per item at ten times the items.
     assert per_item[1] <= per_item[0] * 1.05
     assert per_item[1] < 4
+
+
+def test_an_operators_retry_of_a_failed_run_that_expanded_a_map_is_refused_clearly(
+    saga_engine: Saga,
+) -> None:
+    run = saga_engine.start_now("it.map_plain", {"n": 3, "fail_at": 1})
+    drain(saga_engine)
+    assert saga_engine.get_run(run.run_id)["state"] == "failed"  # nothing to undo
+
+    with pytest.raises(InvalidTransitionError, match="has expanded a map"):
+        saga_engine.retry(run.run_id)
+
+    assert saga_engine.get_run(run.run_id)["state"] == "failed"
 
 
 def test_saga_status_of_a_run_summarises_each_map_and_lists_its_failed_instances(
