@@ -218,13 +218,13 @@ class Executor:
             return self._map(wf, claim, token), None
         runner = step.runner if ref.kind == "step" else step.compensation
         assert runner is not None
-        results, item, index = claim.results or {}, None, None
+        results = claim.results or {}
         mapped = wf.map_of(ref.step)
-        if mapped is not None or any(d in wf.maps for d in step.after):
-            results, item = self.saga.in_transaction(
-                lambda c: self._map_inputs(c, wf, ref, results, mapped is not None)
+        if ref.kind == "step" and any(d in wf.maps for d in step.after):
+            # A map's result is its instances' results, read once, in item order.
+            results = self.saga.in_transaction(
+                lambda c: self.saga.maps.results(c, wf, ref.run_id, ref.step, results)
             )
-            index = None if mapped is None else mapped[1]
         ctx = StepContext(
             run_id=ref.run_id,
             workflow=wf.name,
@@ -238,8 +238,8 @@ class Executor:
             step_result=claim.step_result,
             outcome=claim.outcome,
             step_idempotency_key=ref.step_idempotency_key,
-            item=item,
-            index=index,
+            item=claim.item,
+            index=None if mapped is None else mapped[1],
         )
         if isinstance(runner, TransactionalStep):
             return self._run_in_transaction(wf, claim, token, lease, delivery, runner, ctx)
@@ -253,17 +253,6 @@ class Executor:
             logs.event(log, logging.WARNING, "completion refused: the lease was lost", **fields)
             return "duplicate", None
         return self._complete(wf, claim, token, result_json, delivery)
-
-    def _map_inputs(
-        self, conn: Any, wf: Workflow, ref: AttemptRef, results: Mapping[str, Any],
-        instance: bool,
-    ) -> tuple[dict[str, Any], Any]:
-        """A step's inputs with each map's results gathered, and an instance's item."""
-        maps = self.saga.maps
-        item = maps.item(conn, ref.run_id, ref.step) if instance else None
-        if ref.kind == "step":
-            results = maps.results(conn, wf, ref.run_id, ref.step, results)
-        return dict(results), item
 
     def _map(self, wf: Workflow, claim: Claim, token: str) -> str:
         """Expand a claimed map (or, for its compensation, undo its instances)."""

@@ -3,11 +3,12 @@ list its join receives, and undoing its instances.
 
 Costs. A map of N items takes O(N) statements in all, and none of them reads the N siblings
 but two, each once: the expansion (one statement inserts the N rows and their messages) and the
-join's claim (one statement reads the N results in item order). Every instance is a step row
-of its own, claimed and completed by the ordinary hot-path statements: its completion
-decrements the join's ``pending_deps`` (set to N at the expansion), so a fan-in of N is O(1)
-per completion, as any join. With ``max_parallel`` K, instance i waits for instance i-K (its
-``pending_deps`` is 1), which its completion releases by name: O(1) too.
+join's claim (then one statement reads the N results in item order). Every instance is a step
+row of its own, claimed (the claim returns its item) and completed by the ordinary hot-path
+statements: its completion decrements the join's ``pending_deps`` (set to N at the
+expansion), so a fan-in of N is O(1) per completion, as any join. With ``max_parallel`` K,
+instance i waits for instance i-K (its ``pending_deps`` is 1), which its completion releases by
+name: O(1) too.
 
 Undoing. When a run stops, the map's own row (which started) is undone by a *barrier*: its
 compensation row waits for the compensations of the steps after the map, like any
@@ -68,7 +69,6 @@ WITH m AS (
 )
 SELECT EXISTS (SELECT 1 FROM m) AS mine, (SELECT count(*) FROM items) AS n
 """
-_ITEM = "SELECT item FROM {steps} WHERE run_id = :run_id AND kind = 'step' AND step = :step"
 _GATHER = """
 SELECT coalesce(jsonb_agg(result ORDER BY step COLLATE "C"), '[]'::jsonb) FROM {steps}
 WHERE run_id = :run_id AND kind = 'step' AND starts_with(step, :prefix)
@@ -145,7 +145,6 @@ class Maps:
         self.saga = saga
         t = saga.tables
         self._expand = t.sql(_EXPAND)
-        self._item = t.sql(_ITEM)
         self._gather = t.sql(_GATHER)
         self._undo_instances = t.sql(_UNDO_INSTANCES)
 
@@ -191,10 +190,6 @@ class Maps:
             routes=[wf.route(s) for s in joins], sink=not joins,
             republish_after=self.saga.settings.republish_after,
         )
-
-    def item(self, conn: Connection, run_id: str, step: str) -> Any:
-        """The item of the instance ``step`` of a map."""
-        return conn.execute(self._item, {"run_id": run_id, "step": step}).scalar()
 
     def results(
         self, conn: Connection, wf: Workflow, run_id: str, step: str, results: Mapping[str, Any]

@@ -276,7 +276,7 @@ def test_the_statements_of_a_map_grow_linearly_with_its_items(db_url: str) -> No
     # Ordinary steps and the relay's batches cost a constant per item; a scan of the siblings
     # per completion would cost ten times more per item at ten times the items.
     assert per_item[1] <= per_item[0] * 1.05
-    assert per_item[1] < 4
+    assert per_item[1] < 3  # a claim and a completion each, and the relay's share
 
 
 def test_an_operators_retry_of_a_failed_run_that_expanded_a_map_is_refused_clearly(
