@@ -94,3 +94,17 @@ def test_changing_a_maps_max_parallel_changes_the_definition_hash() -> None:
     # Which instance releases which depends on it: a running run must keep its own.
     assert _wf(max_parallel=3).definition_hash != _wf(max_parallel=4).definition_hash
     assert _wf().definition_hash != _wf(max_parallel=4).definition_hash
+
+
+def test_a_source_result_over_the_most_items_a_map_expands_to_is_refused_with_a_clear_error() -> (
+    None
+):
+    from saga.maps import MapItemsError, Maps
+    from saga.steps.maps import MAX_MAP_ITEMS
+
+    wf = _wf()
+    assert Maps.check_items(wf, "each", list(range(MAX_MAP_ITEMS))) == MAX_MAP_ITEMS
+    with pytest.raises(MapItemsError, match=r"map 'each': step 'src' returned 100001 items"):
+        Maps.check_items(wf, "each", list(range(MAX_MAP_ITEMS + 1)))
+    with pytest.raises(MapItemsError, match="needs a list from step 'src', got str"):
+        Maps.check_items(wf, "each", "abc")
