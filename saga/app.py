@@ -23,6 +23,7 @@ from saga.errors import InvalidTransitionError, SagaError
 from saga.handles import RunHandle, RunWatcher
 from saga.keys import KeyPolicy, is_unfinished_key_conflict, rerun_refusal
 from saga.lifecycle import Lifecycle
+from saga.maps import Maps
 from saga.messages import Publisher
 from saga.registry import Registry
 from saga.schedules import Schedule
@@ -89,6 +90,8 @@ class Saga:
         self.lifecycle = Lifecycle(self.tables, registry)
         self.waits = Waits(self)
         """Suspended steps: timers, signal waits and signals (:mod:`saga.waits`)."""
+        self.maps = Maps(self)
+        """Maps over a list: expanding them, their items and results (:mod:`saga.maps`)."""
         self._starter = Starter(self.tables, self.settings)
         self.dispatcher: Dispatcher | None = None
         """Publishes what starts and completions make ready after their commit (set by

@@ -42,6 +42,10 @@ class StepContext:
     connection: Connection | None = None
     """For a transactional step (:func:`saga.transactional`): the connection of the transaction
     that records its completion; ``None`` for any other step."""
+    item: JSON = None
+    """For an instance of a map (:meth:`saga.Workflow.map`) and its compensation: its item."""
+    index: int | None = None
+    """For an instance of a map and its compensation: its item's index in the list."""
 
     @property
     def is_compensation(self) -> bool:

@@ -7,7 +7,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any, Never, TypeVar
@@ -28,6 +28,7 @@ from saga.steps import (
     WaitStep,
     is_transactional,
 )
+from saga.steps.maps import MAX_MAP_NAME, MapStep, parse_instance
 from saga.steps.waits import NO_DEFAULT
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,99}$")
@@ -244,7 +245,7 @@ class Workflow:
         )
         self._check_step(new, known=self._steps)
         self._steps[name] = new
-        self.__dict__.pop("definition_hash", None)
+        self._changed()
         return new
 
     def compensation(self, step: StepRef) -> Callable[[F], F]:
@@ -263,8 +264,14 @@ class Workflow:
                 )
             runner = _as_runner(self.name, target, "compensate", fn)
             self._assert_open(target)
-            self._steps[target] = Step(**{**current.__dict__, "compensation": runner})
-            self.__dict__.pop("definition_hash", None)
+            if isinstance(current.runner, MapStep):  # it undoes one instance at a time
+                if current.runner.compensation is not None:
+                    raise DefinitionError(self.name, "already has a compensation", (target,))
+                mapped = replace(current.runner, compensation=runner)
+                self._steps[target] = replace(current, runner=mapped)
+            else:
+                self._steps[target] = Step(**{**current.__dict__, "compensation": runner})
+            self._changed()
             return fn
 
         return decorate
@@ -307,6 +314,55 @@ class Workflow:
             retry=retry,
         )
 
+    def map(
+        self,
+        name: str,
+        fn: Runnable,
+        *,
+        over: StepRef,
+        after: Iterable[StepRef] = (),
+        max_parallel: int | None = None,
+        compensate: Runnable | None = None,
+        retry: RetryPolicy | None = None,
+        compensation_retry: RetryPolicy | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        time_limit: float | None = None,
+    ) -> Step:
+        """Declare a map: one instance of ``fn`` per item of step ``over``'s result (a JSON
+        list, at most :data:`~saga.steps.maps.MAX_MAP_ITEMS` items), each a step of its own
+        (``name[00042]``: attempts under ``retry``, ``time_limit``, idempotency key, and
+        ``compensate`` undoing it, called with ``ctx.item``); ``fn`` gets ``ctx.item`` and
+        ``ctx.index``. With ``max_parallel`` K, instance i starts when instance i-K has
+        completed. The steps after the map receive the instances' results as a list in item
+        order (``ctx.results[name]``); the map itself runs after ``over`` and ``after``."""
+        where = (str(name),)
+        if not isinstance(name, str) or len(name) > MAX_MAP_NAME:
+            raise DefinitionError(
+                self.name, f"a map's name has at most {MAX_MAP_NAME} characters", where
+            )
+        if max_parallel is not None and (
+            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
+        ):
+            raise DefinitionError(
+                self.name, f"max_parallel must be an int >= 1, got {max_parallel!r}", where
+            )
+        if isinstance(after, str | bytes) or callable(after):
+            raise DefinitionError(self.name, "after must be a list of steps", where)
+        source = self._resolve(name, over)
+        runner = _as_runner(self.name, name, "the map's code", fn)
+        if isinstance(runner, WaitStep | MapStep):
+            raise DefinitionError(self.name, "a map's instances run code: not a wait or a map",
+                                  where)
+        undo = None if compensate is None else _as_runner(self.name, name, "compensate",
+                                                          compensate)
+        deps = [source, *(d for d in (self._resolve(name, a) for a in after) if d != source)]
+        mapped = MapStep(over=source, fn=runner, compensation=undo, max_parallel=max_parallel)
+        return self.add_step(
+            name, mapped, after=deps, retry=retry, compensation_retry=compensation_retry,
+            queue=queue, priority=priority, time_limit=time_limit,
+        )
+
     # -- reading -----------------------------------------------------------------------------
 
     @property
@@ -315,10 +371,35 @@ class Workflow:
         return {name: s.after for name, s in self._steps.items()}
 
     def __getitem__(self, name: str) -> Step:
-        return self._steps[name]
+        """The step ``name``; for an instance of a map (``label[00042]``), a step of its own
+        that runs the map's code, with the map's policies and the compensation of one item."""
+        found = self._steps.get(name)
+        if found is not None:
+            return found
+        parsed = parse_instance(name)
+        mapped = None if parsed is None else self._steps.get(parsed[0])
+        if mapped is None or not isinstance(mapped.runner, MapStep):
+            raise KeyError(name)
+        return replace(mapped, name=name, runner=mapped.runner.fn, after=(),
+                       compensation=mapped.runner.compensation)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._steps
+        if name in self._steps:
+            return True
+        return isinstance(name, str) and self.map_of(name) is not None
+
+    def map_of(self, step: str) -> tuple[str, int] | None:
+        """``(map, index)`` if ``step`` names an instance of one of this workflow's maps."""
+        parsed = parse_instance(step)
+        mapped = None if parsed is None else self._steps.get(parsed[0])
+        if mapped is None or not isinstance(mapped.runner, MapStep):
+            return None
+        return parsed
+
+    @cached_property
+    def maps(self) -> dict[str, MapStep]:
+        """The workflow's maps by name."""
+        return {n: s.runner for n, s in self._steps.items() if isinstance(s.runner, MapStep)}
 
     @property
     def roots(self) -> tuple[str, ...]:
@@ -333,9 +414,10 @@ class Workflow:
     @cached_property
     def definition_hash(self) -> str:
         """A hash of the graph that pins a run: its steps, their dependencies, which have a
-        compensation, and each step's kind. Policies (retries, time limits, queues,
-        priorities) and the code's names are not in it: they may change under running runs and
-        apply from the next attempt, while a changed graph needs a new ``version``."""
+        compensation, each step's kind, and a map's ``max_parallel``. Policies (retries, time
+        limits, queues, priorities) and the code's names are not in it: they may change under
+        running runs and apply from the next attempt, while a changed graph needs a new
+        ``version``."""
         doc = {
             "name": self.name,
             "version": self.version,
@@ -344,7 +426,10 @@ class Workflow:
                     "name": s.name,
                     "after": sorted(s.after),
                     "kind": s.runner.identity.partition(":")[0],
-                    "compensated": s.compensation is not None,
+                    "compensated": s.compensation is not None
+                    or (isinstance(s.runner, MapStep) and s.runner.compensation is not None),
+                    # A map's lanes shape its instances' graph (which one releases which).
+                    **({"lanes": s.runner.max_parallel} if isinstance(s.runner, MapStep) else {}),
                 }
                 for s in self._steps.values()
             ],
@@ -358,23 +443,23 @@ class Workflow:
         return {
             "step": step,
             "queue": self.queue_for(step),
-            "priority": self._steps[step].priority,
+            "priority": self[step].priority,
             "time_limit": self.time_limit_for(step),
         }
 
     def retry_for(self, step: str, kind: str) -> RetryPolicy:
         """The retry policy of a step (``kind='step'``) or of its compensation."""
-        s = self._steps[step]
+        s = self[step]
         policy = s.compensation_retry if kind == "compensation" else s.retry
         return policy or self.retry
 
     def queue_for(self, step: str) -> str:
         """The queue the step's (and its compensation's) messages go to."""
-        return self._steps[step].queue or self.queue
+        return self[step].queue or self.queue
 
     def time_limit_for(self, step: str) -> float:
         """The step's time limit in seconds."""
-        return self._steps[step].time_limit or self.time_limit
+        return self[step].time_limit or self.time_limit
 
     def freeze(self) -> None:
         """Refuse further declarations (done on registration); checks the graph is not empty."""
@@ -403,6 +488,10 @@ class Workflow:
                 (str(name),),
             )
         return found
+
+    def _changed(self) -> None:
+        for cached in ("definition_hash", "maps"):
+            self.__dict__.pop(cached, None)
 
     def _assert_open(self, step: str) -> None:
         if self._frozen:

@@ -22,15 +22,16 @@ from saga import faults, logs, telemetry, tracebacks
 from saga.app import Saga
 from saga.codec import encode_result
 from saga.context import StepContext
-from saga.core import graph
 from saga.core.attempts import AttemptRef
 from saga.core.states import STOPPING
 from saga.definition import Workflow
 from saga.dispatch import Dispatcher
 from saga.errors import SagaError, UnknownWorkflowError, error_document
 from saga.heartbeat import Heartbeat, Lease
+from saga.maps import MapItemsError, release_of
 from saga.messages import MalformedMessageError, Publisher, StepMessage
 from saga.steps import TaskCaller, TransactionalStep, WaitStep
+from saga.steps.maps import MapStep
 from saga.timeouts import Watchdog, time_limit
 from saga.transitions import Claim, Completion
 
@@ -134,7 +135,11 @@ class Executor:
         wf = self._definition(msg)
         if wf is None:
             return self._defer(msg, fields)
-        if msg.step not in wf or (msg.kind == "compensation" and not wf[msg.step].compensation):
+        if msg.step not in wf or (
+            msg.kind == "compensation"
+            and not wf[msg.step].compensation
+            and msg.step not in wf.maps  # a map's barrier (see saga.maps)
+        ):
             logs.event(log, logging.WARNING, "dropped a message for an unknown step", **fields)
             return "unknown"
         token = self._token()
@@ -209,8 +214,17 @@ class Executor:
         fields: dict[str, Any] = {"run_id": ref.run_id, "workflow": wf.name, "step": ref.step}
         fields |= {"kind": ref.kind, "attempt": ref.attempt}
         step = wf[ref.step]
+        if isinstance(step.runner, MapStep):
+            return self._map(wf, claim, token), None
         runner = step.runner if ref.kind == "step" else step.compensation
         assert runner is not None
+        results = claim.results or {}
+        mapped = wf.map_of(ref.step)
+        if ref.kind == "step" and any(d in wf.maps for d in step.after):
+            # A map's result is its instances' results, read once, in item order.
+            results = self.saga.in_transaction(
+                lambda c: self.saga.maps.results(c, wf, ref.run_id, ref.step, results)
+            )
         ctx = StepContext(
             run_id=ref.run_id,
             workflow=wf.name,
@@ -218,12 +232,14 @@ class Executor:
             kind=ref.kind,
             attempt=ref.attempt,
             input=claim.input,
-            results=claim.results or {},
+            results=results,
             idempotency_key=ref.idempotency_key,
             business_key=claim.business_key,
             step_result=claim.step_result,
             outcome=claim.outcome,
             step_idempotency_key=ref.step_idempotency_key,
+            item=claim.item,
+            index=None if mapped is None else mapped[1],
         )
         if isinstance(runner, TransactionalStep):
             return self._run_in_transaction(wf, claim, token, lease, delivery, runner, ctx)
@@ -237,6 +253,21 @@ class Executor:
             logs.event(log, logging.WARNING, "completion refused: the lease was lost", **fields)
             return "duplicate", None
         return self._complete(wf, claim, token, result_json, delivery)
+
+    def _map(self, wf: Workflow, claim: Claim, token: str) -> str:
+        """Expand a claimed map (or, for its compensation, undo its instances)."""
+        ref = claim.ref
+        maps = self.saga.maps
+        if ref.kind == "step":
+            try:
+                maps.check_items(wf, ref.step, (claim.results or {}).get(wf.maps[ref.step].over))
+            except MapItemsError as exc:
+                return self._fail(wf, claim, exc, retryable=False)
+            done = self.saga.in_transaction(lambda c: maps.expand(c, wf, ref, token))
+        else:
+            done = self.saga.in_transaction(lambda c: maps.undo_instances(c, wf, ref, token))
+        plan = _Plan(done.ready if done else (), [], None, False, "")
+        return self._finish(wf, claim, done, None, plan)[0]
 
     def _wait(
         self, wf: Workflow, claim: Claim, token: str, delivery: Delivery, runner: WaitStep,
@@ -331,11 +362,7 @@ class Executor:
 
     def _plan(self, wf: Workflow, ref: AttemptRef, delivery: Delivery) -> _Plan:
         """What recording ``ref``'s completion touches, and which step it may chain."""
-        after = wf.after_map
-        if ref.kind == "step":
-            release: tuple[str, ...] = graph.dependents(after)[ref.step]
-        else:
-            release = tuple(sorted(graph.ancestors(after, ref.step)))
+        release = release_of(wf, ref.kind, ref.step)
         chain = self._chainable(wf, ref, release, delivery)
         # The completing statement claims the step itself. A successor whose only dependency
         # is this step needs no other input; a join's other inputs are read by a second
@@ -358,7 +385,8 @@ class Executor:
             token=token,
             release=plan.release,
             routes=plan.routes,
-            sink=ref.kind == "step" and not plan.release,
+            # A map's instances are not the run's result (the map's own completion is).
+            sink=ref.kind == "step" and not plan.release and wf.map_of(ref.step) is None,
             eager=self._dispatcher is not None,
             republish_after=self.saga.settings.republish_after,
             follow=plan.follow,

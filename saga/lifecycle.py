@@ -17,6 +17,7 @@ from saga.core.decide import decide_stop, retry_plan
 from saga.core.states import LIVE_RUN_STATES, STOPPING
 from saga.definition import Workflow
 from saga.errors import InvalidTransitionError, UnknownRunError, storable_text
+from saga.maps import undo_plan
 from saga.registry import Registry
 from saga.store.base import Row, Tables
 from saga.store.history import HistoryStore
@@ -114,11 +115,13 @@ class Lifecycle:
         rows = self.steps.of_run(conn, run_id)
         if any(r["kind"] == "compensation" for r in rows):
             return run["state"]  # type: ignore[no-any-return]
-        for step in self.steps.skip_unstarted(conn, run_id):
-            self.history.append(conn, run_id, "step_skipped", kind="step", step=step)
+        skipped = self.steps.skip_unstarted(conn, run_id)
+        self.history.append_steps(conn, run_id, "step_skipped", "step", skipped)
         self.outbox.drop_unstarted(conn, run_id)
         wf = self.registry.get(run["workflow"], run["version"])
         with_comp = {s for s in wf.step_names if wf[s].compensation is not None}
+        # A map that undoes its instances is undone as one step, its barrier (saga.maps).
+        with_comp |= {m for m, r in wf.maps.items() if r.compensation is not None}
         decision = decide_stop(
             run["state"],
             wf.after_map,
@@ -132,16 +135,19 @@ class Lifecycle:
             self.runs.set_state(conn, run_id, list(STOPPING), decision.end_state, finished=True)
             self.history.append(conn, run_id, f"run_{decision.end_state}")
             return decision.end_state
-        pending = dict(decision.compensations)
+        pending = undo_plan(wf, decision.compensations, rows)
         self.steps.insert(conn, run_id, "compensation", pending)
         self.runs.set_state(
             conn, run_id, list(STOPPING), run["state"], compensations_remaining=len(pending)
         )
         ready = [{**wf.route(s), "attempt": 1} for s, n in pending.items() if n == 0]
         self.outbox.enqueue(conn, run_id, "compensation", ready, run["trace_context"])
-        self.history.append(
-            conn, run_id, "compensation_started", detail={"compensations": sorted(pending)}
-        )
+        # A map's instances are counted, not listed (there may be 100,000 of them).
+        declared = sorted(s for s in pending if wf.map_of(s) is None)
+        detail: dict[str, Any] = {"compensations": declared}
+        if len(declared) < len(pending):
+            detail["map_instances"] = len(pending) - len(declared)
+        self.history.append(conn, run_id, "compensation_started", detail=detail)
         return run["state"]  # type: ignore[no-any-return]
 
     def advance(self, conn: Connection, run_id: str) -> str:
@@ -201,6 +207,11 @@ class Lifecycle:
             raise InvalidTransitionError(
                 f"run {run_id} is {run['state']}: "
                 "only failed or compensation_failed runs can be retried"
+            )
+        if any(wf.map_of(r["step"]) is not None for r in rows):
+            raise InvalidTransitionError(
+                f"run {run_id} has expanded a map: a failed run with map instances cannot be "
+                "retried (yet)"
             )
         completed = StepStore.names(rows, "step", "completed")
         restart: set[str] = set()

@@ -3,7 +3,8 @@
 :func:`drain` relays ready messages straight to an :class:`~saga.executor.Executor` in this
 process until nothing is left to do. It exercises the same claim/complete transitions as a
 Celery worker, so a workflow's logic, retries and compensations can be tested without starting
-processes. It does not test delivery (that is what the relay and Celery are for).
+processes. It does not test delivery (that is what the relay and Celery are for). Maps over a
+list (:meth:`saga.Workflow.map`) expand and run their instances inline too.
 
 Waits and schedules run inline too, on one :class:`FakeClock`: :func:`drain` fires the timers
 that are due; advancing a clock bound to an engine moves the time of every suspended step

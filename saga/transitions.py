@@ -43,12 +43,12 @@ WITH run AS (
       AND sr.state = 'ready' AND sr.attempt = :attempt
       AND run.state = ANY(:live) AND run.workflow = :workflow AND run.version = :version
       AND run.definition_hash = :hash
-    RETURNING sr.first_attempt
+    RETURNING sr.first_attempt, sr.item
 ), mine AS (
-    SELECT first_attempt FROM claimed
+    SELECT first_attempt, item FROM claimed
     UNION ALL
     -- The same claim run again after its reply was lost: it is ours already.
-    SELECT sr.first_attempt FROM {steps} sr, run
+    SELECT sr.first_attempt, sr.item FROM {steps} sr, run
     WHERE NOT EXISTS (SELECT 1 FROM claimed)
       AND sr.run_id = run.id AND sr.kind = :kind AND sr.step = :step
       AND sr.state = 'running' AND sr.attempt = :attempt AND sr.worker = :token
@@ -65,13 +65,14 @@ WITH run AS (
     SELECT :run_id, 'step_started', :kind, :step, :attempt FROM claimed
 )
 SELECT run.workflow, run.version, run.definition_hash, run.input, run.business_key,
-       run.trace_context, mine.first_attempt,
+       run.trace_context, mine.first_attempt, mine.item,
        CASE WHEN mine.first_attempt IS NOT NULL THEN
            (SELECT coalesce(jsonb_object_agg(d.step, d.result), '{{}}'::jsonb) FROM {steps} d
             WHERE d.run_id = run.id AND d.kind = 'step' AND d.step = ANY(:deps))
        END AS results,
        CASE WHEN mine.first_attempt IS NOT NULL AND :kind = 'compensation' THEN
-           (SELECT jsonb_build_object('state', d.state, 'result', d.result, 'error', d.error)
+           (SELECT jsonb_build_object('state', d.state, 'result', d.result, 'error', d.error,
+                                      'item', d.item)
             FROM {steps} d WHERE d.run_id = run.id AND d.kind = 'step' AND d.step = :step)
        END AS undone
 FROM run LEFT JOIN mine ON true
@@ -203,6 +204,8 @@ class Claim:
     step_result: Any = None
     outcome: str | None = None
     """For a compensation: what is known of the step it undoes (see ``saga.core.attempts``)."""
+    item: Any = None
+    """For an instance of a map (or its compensation): its item."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +291,7 @@ class Transitions:
             results=dict(row["results"]) if claimed else None,
             step_result=undone.get("result"),
             outcome=outcome_of(undone["state"], undone.get("error")) if undone else None,
+            item=undone.get("item") if undone else row["item"],
         )
 
     def complete(

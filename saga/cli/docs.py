@@ -15,6 +15,7 @@ from saga.cli import queries
 from saga.cli.output import between
 from saga.db.states import RUN_STATES
 from saga.presence import STALE_AFTER
+from saga.steps.maps import parse_instance
 from saga.store.base import Row, Tables
 from saga.store.processes import ProcessStore
 
@@ -198,11 +199,40 @@ def latest_error(run: Row, steps: list[Row]) -> dict[str, Any] | None:
     return {"step": last["step"], "kind": last["kind"], **last["error"]}
 
 
+MAP_STATES = {"completed": "done", "running": "running", "failed": "failed"}
+"""How a map's summary counts its instances' states (the others are counted as they are)."""
+
+
+def map_summaries(step_docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per map and kind in ``step_docs`` (instances named ``map[00042]``): the
+    count of instances in each state (``done``, ``running``, ``failed``, ...) and the failed
+    instances' documents, in place of one line per instance."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for s in step_docs:
+        parsed = parse_instance(s["step"])
+        if parsed is None:
+            continue
+        summary = found.setdefault(
+            (s["kind"], parsed[0]),
+            {"map": parsed[0], "kind": s["kind"], "instances": 0, "counts": {}, "failed": []},
+        )
+        summary["instances"] += 1
+        state = MAP_STATES.get(s["state"], s["state"])
+        summary["counts"][state] = summary["counts"].get(state, 0) + 1
+        if s["state"] == "failed":
+            summary["failed"].append(s)
+    return [found[k] for k in sorted(found)]
+
+
 def run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
     """One run: its row (with input and result), its steps and compensations (with results
-    and errors), the latest error with its traceback, and its history."""
+    and errors; a map's instances summarised, see :func:`map_summaries`), the latest error with
+    its traceback, and its history (without the instances' events, which the maps' summaries
+    count)."""
     now = datetime.now(UTC)
-    step_docs = [_step_doc(s, now) for s in steps]
+    every = [_step_doc(s, now) for s in steps]
+    step_docs = [s for s in every if parse_instance(s["step"]) is None]
+    instance_events = sum(1 for h in history if h["step"] and parse_instance(h["step"]))
     return {
         "run": {
             "id": run["id"],
@@ -225,9 +255,11 @@ def run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
         "latest_error": latest_error(run, steps),
         "steps": [s for s in step_docs if s["kind"] == "step"],
         "compensations": [s for s in step_docs if s["kind"] == "compensation"],
+        "maps": map_summaries(every),
+        "instance_events": instance_events,
         "history": [
             {k: h[k] for k in ("at", "event", "kind", "step", "attempt", "detail")}
-            for h in history
+            for h in history if not (h["step"] and parse_instance(h["step"]))
         ],
     }
 

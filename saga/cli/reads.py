@@ -192,6 +192,15 @@ def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
             ],
             state_column=1,
         )
+    for m in doc.get("maps", ()):
+        out.line()
+        counts = ", ".join(f"{n} {state}" for state, n in sorted(m["counts"].items()))
+        what = "compensations of map" if m["kind"] == "compensation" else "map"
+        out.line(f"{what.capitalize()} {m['map']!r}: {m['instances']} instances ({counts})",
+                 style="bold")
+        for s in m["failed"]:
+            out.line(f"  failed {s['step']} attempt {s['attempt']}: "
+                     f"{one_line(s['error_message'] or '-', 80)}", style="red")
     if error:
         out.line()
         where = f" in {error['kind']} {error['step']!r}" if error.get("step") else ""
@@ -212,6 +221,8 @@ def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
             for h in doc["history"]
         ],
     )
+    if doc.get("instance_events"):
+        out.line(f"  ({doc['instance_events']} events of map instances not shown)")
 
 
 def _timestamp(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:

@@ -158,6 +158,8 @@ class StepRun(Base):
     """While ``suspended``: when the relay wakes it (a sleep's end, a signal wait's timeout)."""
     signal: Mapped[str | None] = mapped_column(String(100))
     """While ``suspended`` waiting for a signal: the signal's name."""
+    item: Mapped[Any | None] = mapped_column(JSONB)
+    """For an instance of a map (``label[00042]``): its item of the list the map expanded."""
     created_at: Mapped[datetime] = _now()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

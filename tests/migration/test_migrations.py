@@ -187,9 +187,7 @@ def test_downgrading_below_waits_takes_suspended_steps_and_signals_away(empty_db
     engine = create_engine(empty_db_url)
     try:
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
-                " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
+            _insert_run(conn, run_id)
             conn.execute(text(
                 "INSERT INTO saga.step_runs (run_id, kind, step, state, attempt, pending_deps,"
                 " wake_at, signal) VALUES (:id, 'step', 'paid', 'suspended', 1, 0,"
@@ -208,3 +206,35 @@ def test_downgrading_below_waits_takes_suspended_steps_and_signals_away(empty_db
         assert migrate.current(empty_db_url) == migrate.head()
     finally:
         engine.dispose()
+
+
+def test_downgrading_below_maps_keeps_the_instances_rows_without_their_items(
+    empty_db_url: str,
+) -> None:
+    import uuid
+
+    migrate.upgrade(empty_db_url)
+    run_id = uuid.uuid4()
+    engine = create_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            _insert_run(conn, run_id)
+            conn.execute(text(
+                "INSERT INTO saga.step_runs (run_id, kind, step, state, attempt, pending_deps,"
+                " item) VALUES (:id, 'step', 'each[00000]', 'ready', 1, 0, '{\"n\": 1}')"),
+                {"id": run_id})
+        migrate.downgrade(empty_db_url, revision="0006_schedules")
+        with engine.connect() as conn:
+            step = conn.execute(text("SELECT step FROM saga.step_runs")).scalar_one()
+            columns = {c["name"] for c in inspect(conn).get_columns("step_runs", schema="saga")}
+        assert step == "each[00000]" and "item" not in columns
+        migrate.upgrade(empty_db_url)
+        assert migrate.current(empty_db_url) == "0007_maps" == migrate.head()
+    finally:
+        engine.dispose()
+
+
+def _insert_run(conn: Any, run_id: Any) -> None:
+    conn.execute(text(
+        "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
+        " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
