@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from saga import faults, telemetry
+from saga.children import Children
 from saga.definition import Workflow
 from saga.dispatch import Dispatcher
 from saga.errors import InvalidTransitionError, SagaError
@@ -89,6 +90,8 @@ class Saga:
         self.lifecycle = Lifecycle(self.tables, registry)
         self.waits = Waits(self)
         """Suspended steps: timers, signal waits and signals (:mod:`saga.waits`)."""
+        self.children = Children(self)
+        """Child runs: starting them, waking their parents (:mod:`saga.children`)."""
         self._starter = Starter(self.tables, self.settings)
         self.dispatcher: Dispatcher | None = None
         """Publishes what starts and completions make ready after their commit (set by

@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
 from saga.app import Saga
+from saga.children import ParentWaker
 from saga.housekeeping import Housekeeping
 from saga.messages import Envelope, Publisher, publish_in_order
 from saga.scheduler import Clock, Scheduler
@@ -64,6 +65,8 @@ class Relay:
         self.housekeeping = housekeeping or Housekeeping(saga)
         self.scheduler = Scheduler(saga, clock)
         """Fires the registry's schedules' due slots on every turn of the loop."""
+        self.parents = ParentWaker(saga.children)
+        """Wakes the steps whose child run ended (:mod:`saga.children`)."""
         self.stopping = threading.Event()
         self._listener: psycopg.Connection[Any] | None = None
         self._conn: Connection | None = None
@@ -155,6 +158,7 @@ class Relay:
             now = time.monotonic()
             if now >= self._wake_due:
                 self._fire_timers()
+            self._wake_parents()
             if now - last_sweep >= self.sweep_interval:
                 last_sweep = now
                 try:
@@ -181,6 +185,13 @@ class Relay:
             woke = 0
         # More may be due (a full batch); else the next wait reads when the next one is.
         self._wake_due = 0.0 if woke >= self.batch_size else time.monotonic() + self.poll_interval
+
+    def _wake_parents(self) -> None:
+        """Wake the steps whose child run ended (at most every half second)."""
+        try:
+            self.parents.tick()
+        except Exception as exc:  # logged, never the relay's end: it looks again later
+            logs.event(log, logging.WARNING, f"waking parents failed: {logs.describe(exc)}")
 
     def _backoff(self, seconds: float) -> None:
         self.housekeeping.presence.beat()  # backing off is being alive: the outbox warns

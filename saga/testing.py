@@ -72,6 +72,7 @@ def drain(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         saga.waits.fire_due()
+        saga.children.wake_finished()
         relay.publish_batch()
         if publisher.run_pending():
             continue
