@@ -40,7 +40,9 @@ class ChildStep(_Suspends):
 
     @property
     def identity(self) -> str:
-        """``child:<workflow>``: which workflow runs is part of the graph's shape."""
+        """``child:<workflow>``; the hash keeps the kind (``child``, and that it has an undo),
+        and like a task's name the child's workflow may change under running runs (the next
+        attempt starts the new one)."""
         return f"child:{self.workflow}"
 
     def input_of(self, ctx: StepContext) -> Any:

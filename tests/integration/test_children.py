@@ -14,7 +14,6 @@ from sqlalchemy import create_engine
 
 from saga import RetryPolicy, Saga, Settings, StepContext, Workflow
 from saga.cli.main import cli
-from saga.errors import DefinitionError
 from saga.registry import Registry
 from saga.testing import drain
 
@@ -189,14 +188,3 @@ def test_saga_status_shows_the_parent_and_the_children_of_a_run(
     )
     shown = runner.invoke(cli, [*base, run.run_id])
     assert child["id"] in shown.output and "Children" in shown.output
-
-
-def test_a_child_step_is_declared_with_a_workflow_and_checked_naming_the_step() -> None:
-    wf = Workflow("c.bad")
-    with pytest.raises(DefinitionError, match=r"'kid'.*workflow must be"):
-        wf.child("kid", workflow=42)  # type: ignore[arg-type]
-    with pytest.raises(DefinitionError, match=r"'kid'.*input must be"):
-        wf.child("kid", workflow="c.stock", input={"sku": 1})  # type: ignore[arg-type]
-    wf.child("kid", workflow="c.stock")
-    with pytest.raises(DefinitionError, match=r"'kid'.*undone by its child"):
-        wf.compensation("kid")(lambda ctx: None)
