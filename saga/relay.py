@@ -5,7 +5,8 @@ statement, so several relays can run), publishes each outside any transaction, t
 published. It wakes on
 ``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
 with backoff. It fires durable timers (suspended steps whose ``wake_at`` passed,
-:mod:`saga.waits`) within about a second and the registry's schedules (:mod:`saga.scheduler`).
+:mod:`saga.waits`) within about a second, wakes the steps whose child run ended
+(:mod:`saga.children`) and fires the registry's schedules (:mod:`saga.scheduler`).
 On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
 """
 

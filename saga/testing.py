@@ -3,7 +3,9 @@
 :func:`drain` relays ready messages straight to an :class:`~saga.executor.Executor` in this
 process until nothing is left to do. It exercises the same claim/complete transitions as a
 Celery worker, so a workflow's logic, retries and compensations can be tested without starting
-processes. It does not test delivery (that is what the relay and Celery are for).
+processes. It does not test delivery (that is what the relay and Celery are for). Child runs
+(:meth:`~saga.Workflow.child`) are drained with their parents, and a child's end wakes its
+parent's step in the same drain.
 
 Waits and schedules run inline too, on one :class:`FakeClock`: :func:`drain` fires the timers
 that are due; advancing a clock bound to an engine moves the time of every suspended step
@@ -63,7 +65,8 @@ class InlinePublisher:
 def drain(
     saga: Saga, *, timeout: float = 30.0, tasks: TaskCaller | None = None
 ) -> list[tuple[dict[str, Any], str]]:
-    """Run every ready step (and retries as they fall due) until the outbox is empty.
+    """Run every ready step (and retries as they fall due), child runs included, and wake
+    the steps whose child ended, until the outbox is empty.
 
     Returns each executed message with its outcome. Raises ``TimeoutError`` past ``timeout``.
     """

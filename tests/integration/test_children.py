@@ -30,6 +30,8 @@ def _reserve(ctx: StepContext) -> dict[str, Any]:
 
 
 def _undo_reserve(ctx: StepContext) -> None:
+    if "undo_reserve" in FAIL:
+        raise RuntimeError("the warehouse is away")
     UNDONE.append(f"reserve:{ctx.input['sku']}")
 
 
@@ -133,7 +135,7 @@ def test_undoing_a_step_whose_child_completed_runs_the_childs_compensations(
     assert UNDONE == ["reserve:E5", "order"]  # the child is undone before what came before it
 
 
-def test_cancelling_the_parent_cancels_its_child(engine: Saga) -> None:
+def test_cancelling_the_parent_cancels_its_child(engine: Saga, db_url: str) -> None:
     run = engine.start_now("c.order", {"sku": "F6"})
     # Run until the child step waits for its child, not further.
     from saga.executor import Executor
@@ -147,6 +149,8 @@ def test_cancelling_the_parent_cancels_its_child(engine: Saga) -> None:
         publisher.run_pending()
     (child,) = _children(engine, run.run_id)
     assert child["state"] == "running"
+    shown = CliRunner().invoke(cli, ["--plain", "--database-url", db_url, "status", run.run_id])
+    assert "waits for its child run" in shown.output
     engine.cancel(run.run_id)
     # In the cancel's own transaction: the child had started nothing, so it ends at once.
     assert engine.get_run(child["id"])["state"] == "cancelled"
@@ -154,6 +158,22 @@ def test_cancelling_the_parent_cancels_its_child(engine: Saga) -> None:
     assert engine.get_run(run.run_id)["state"] == "cancelled"
     assert engine.get_run(child["id"])["state"] == "cancelled"
     assert UNDONE == ["order"]  # the child never reserved: its step had not run
+
+
+def test_a_child_waiting_for_an_operator_keeps_its_parent_waiting_until_resolved(
+    engine: Saga,
+) -> None:
+    FAIL.update({"reserve", "undo_reserve"})
+    run = engine.start_now("c.order", {"sku": "H8"})
+    drain(engine)
+    (child,) = _children(engine, run.run_id)
+    assert child["state"] == "compensation_failed"
+    assert _step(engine, run.run_id, "stock")["state"] == "suspended"
+    engine.resolve(child["id"], "released by hand")
+    drain(engine)
+    assert _step(engine, run.run_id, "stock")["state"] == "failed"
+    assert engine.get_run(run.run_id)["state"] == "compensated"
+    assert UNDONE == ["order"]
 
 
 def test_a_child_of_an_unregistered_workflow_fails_its_step_naming_it(engine: Saga) -> None:
