@@ -3,7 +3,8 @@
 
 Configured from the environment like ``tests.apps.flows``: ``SAGA_DATABASE_URL``,
 ``SAGA_BROKER_URL``, ``SAGA_TEST_QUEUE``. ``n.order``'s input ``{"fail": true}`` makes its
-child's step fail for good."""
+child's step fail for good, ``{"decline": true}`` its own last step (after its child
+completed)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def _step(ctx: StepContext) -> dict[str, Any]:
     record(ctx)
     if ctx.step == "reserve" and ctx.input.get("fail"):
         raise PermanentError("out of stock")
+    if ctx.step == "ship" and ctx.input.get("decline"):
+        raise PermanentError("no carrier")
     return {"done": ctx.step}
 
 
