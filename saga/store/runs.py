@@ -49,8 +49,10 @@ UPDATE {runs} SET result = (
 WHERE id = :run_id
 """
 
+# Locked: a child finishing meanwhile is rechecked after its commit, and left out.
 _LIVE_CHILDREN = """
 SELECT id::text FROM {runs} WHERE parent_run_id = :run_id AND state = 'running' ORDER BY id
+FOR UPDATE
 """
 
 _RESTART_DEADLINE = """
@@ -156,5 +158,5 @@ class RunStore:
         conn.execute(self._gather_result, {"run_id": run_id, "sinks": list(sinks)})
 
     def live_children(self, conn: Connection, run_id: str) -> list[str]:
-        """The ids of the run's child runs that are still ``running``."""
+        """The ids of the run's child runs that are still ``running``, locked."""
         return [str(r[0]) for r in conn.execute(self._live_children, {"run_id": run_id})]
