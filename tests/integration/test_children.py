@@ -5,7 +5,9 @@ when it does not complete, and is undone by the child's own compensations."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,8 +16,12 @@ from sqlalchemy import create_engine
 
 from saga import RetryPolicy, Saga, Settings, StepContext, Workflow
 from saga.cli.main import cli
+from saga.executor import Executor
 from saga.registry import Registry
-from saga.testing import drain
+from saga.relay import Relay
+from saga.testing import InlinePublisher, drain
+from tests.support.publishers import Collect
+from tests.support.waiting import wait_until
 
 NOW = RetryPolicy(max_attempts=1, initial_delay=0.01, max_delay=0.01, jitter=0.0)
 TWICE = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.01, jitter=0.0)
@@ -135,18 +141,44 @@ def test_undoing_a_step_whose_child_completed_runs_the_childs_compensations(
     assert UNDONE == ["reserve:E5", "order"]  # the child is undone before what came before it
 
 
+def _run_until(saga: Saga, done: Callable[[], bool]) -> None:
+    """Relay and run messages inline, waking no parent, until ``done()``."""
+    publisher = InlinePublisher(Executor(saga, worker_id="inline"))
+    relay = Relay(saga, publisher, batch_size=50)
+    deadline = time.monotonic() + 30
+    while not done():
+        assert time.monotonic() < deadline, "not done in 30 s"
+        relay.publish_batch()
+        publisher.run_pending()
+
+
+def test_the_relays_own_loop_wakes_a_parent_whose_child_completed(engine: Saga) -> None:
+    run = engine.start_now("c.order", {"sku": "J9"})
+
+    def child_completed() -> bool:
+        found = _children(engine, run.run_id)
+        return bool(found) and found[0]["state"] == "completed"
+
+    _run_until(engine, child_completed)
+    assert _step(engine, run.run_id, "stock")["state"] == "suspended"
+    collect = Collect()
+    relay = Relay(engine, collect, poll_interval=0.2)
+    loop = threading.Thread(target=relay.run)
+    loop.start()
+    try:
+        wait_until(lambda: (run.run_id, "ship") in collect.steps, timeout=20,
+                   message="the relay did not wake the parent")
+    finally:
+        relay.stop()
+        loop.join(timeout=10)
+    stock = _step(engine, run.run_id, "stock")
+    assert (stock["state"], stock["result"]) == ("completed", {"reserve": {"reserved": "J9"}})
+
+
 def test_cancelling_the_parent_cancels_its_child(engine: Saga, db_url: str) -> None:
     run = engine.start_now("c.order", {"sku": "F6"})
     # Run until the child step waits for its child, not further.
-    from saga.executor import Executor
-    from saga.relay import Relay
-    from saga.testing import InlinePublisher
-
-    publisher = InlinePublisher(Executor(engine, worker_id="inline"))
-    relay = Relay(engine, publisher, batch_size=50)
-    while _step(engine, run.run_id, "stock")["state"] != "suspended":
-        relay.publish_batch()
-        publisher.run_pending()
+    _run_until(engine, lambda: _step(engine, run.run_id, "stock")["state"] == "suspended")
     (child,) = _children(engine, run.run_id)
     assert child["state"] == "running"
     shown = CliRunner().invoke(cli, ["--plain", "--database-url", db_url, "status", run.run_id])
