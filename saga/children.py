@@ -291,7 +291,8 @@ class Children:
 
 class ParentWaker:
     """Calls :meth:`Children.wake_finished` at most every :data:`WAKE_EVERY` seconds (a
-    relay's loop turns faster when busy)."""
+    relay's loop turns faster when busy), and never when no registered workflow has a child
+    step (a deployment without children pays nothing)."""
 
     def __init__(self, children: Children) -> None:
         self.children = children
@@ -303,4 +304,6 @@ class ParentWaker:
         if now < self._next:
             return 0
         self._next = now + WAKE_EVERY
+        if not any(wf.child_steps for wf in self.children.saga.registry):
+            return 0
         return self.children.wake_finished()

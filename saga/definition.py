@@ -357,6 +357,11 @@ class Workflow:
                              queue=queue)
 
     @property
+    def child_steps(self) -> tuple[str, ...]:
+        """The names of the steps that run a child workflow."""
+        return tuple(n for n, s in self._steps.items() if isinstance(s.runner, ChildStep))
+
+    @property
     def children(self) -> list[Workflow]:
         """The workflows given (as objects) to this one's child steps, registered with it."""
         found = [s.runner.definition for s in self._steps.values()

@@ -46,6 +46,13 @@ def test_a_child_step_is_undone_by_its_child_not_by_a_compensation_of_its_own() 
         wf.add_step("fake", lambda ctx: None, compensate=UndoChild())
 
 
+def test_a_workflow_names_its_child_steps() -> None:
+    wf = Workflow("c.parent")
+    wf.add_step("plain", lambda ctx: None)
+    wf.child("kid", workflow="c.stock", after=["plain"])
+    assert wf.child_steps == ("kid",)
+
+
 def test_registering_a_parent_registers_the_child_workflow_it_was_given() -> None:
     stock = _stock()
     parent = Workflow("c.parent")
