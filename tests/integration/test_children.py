@@ -62,7 +62,13 @@ def _workflows() -> list[Workflow]:
                   if "bill" in FAIL else {}, after=["stock"])
     unknown = Workflow("c.unknown", retry=NOW)
     unknown.child("missing", workflow="c.nowhere")
-    return [parent, retried, late, unknown]
+    leaf = Workflow("c.leaf", retry=NOW)
+    leaf.wait_for_signal("go", signal="go", timeout=600)
+    mid = Workflow("c.mid", retry=NOW)
+    mid.child("leaf", workflow=leaf)
+    top = Workflow("c.top", retry=NOW)
+    top.child("mid", workflow=mid)
+    return [parent, retried, late, unknown, top]
 
 
 @pytest.fixture
@@ -190,6 +196,25 @@ def test_cancelling_the_parent_cancels_its_child(engine: Saga, db_url: str) -> N
     assert engine.get_run(run.run_id)["state"] == "cancelled"
     assert engine.get_run(child["id"])["state"] == "cancelled"
     assert UNDONE == ["order"]  # the child never reserved: its step had not run
+
+
+def test_cancelling_a_run_cancels_its_children_and_theirs(engine: Saga) -> None:
+    top = engine.start_now("c.top", {}).run_id
+
+    def leaf_waits() -> bool:
+        mids = _children(engine, top)
+        leaves = _children(engine, mids[0]["id"]) if mids else []
+        return bool(leaves) and _step(engine, leaves[0]["id"], "go")["state"] == "suspended"
+
+    _run_until(engine, leaf_waits)
+    (mid,) = _children(engine, top)
+    (leaf,) = _children(engine, mid["id"])
+    engine.cancel(top)
+    assert engine.get_run(leaf["id"])["state"] == "cancelled"  # in the cancel's transaction
+    drain(engine)
+    assert [engine.get_run(r)["state"] for r in (top, mid["id"], leaf["id"])] == [
+        "cancelled", "cancelled", "cancelled"
+    ]
 
 
 def test_a_child_waiting_for_an_operator_keeps_its_parent_waiting_until_resolved(
