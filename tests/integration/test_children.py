@@ -5,6 +5,7 @@ when it does not complete, and is undone by the child's own compensations."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from saga import RetryPolicy, Saga, Settings, StepContext, Workflow
 from saga.cli.main import cli
@@ -231,6 +232,30 @@ def test_a_child_waiting_for_an_operator_keeps_its_parent_waiting_until_resolved
     assert _step(engine, run.run_id, "stock")["state"] == "failed"
     assert engine.get_run(run.run_id)["state"] == "compensated"
     assert UNDONE == ["order"]
+
+
+def test_a_parent_that_cannot_be_woken_is_logged_and_the_others_still_wake(
+    engine: Saga, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = engine.start_now("c.order", {"sku": "K1"}).run_id
+    fine = engine.start_now("c.order", {"sku": "K2"}).run_id
+
+    def children_completed() -> bool:
+        found = [c for r in (broken, fine) for c in _children(engine, r)]
+        return len(found) == 2 and {c["state"] for c in found} == {"completed"}
+
+    _run_until(engine, children_completed)
+    # A row the database refuses to wake (as a bug or a bad row would).
+    with engine.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE saga.step_runs ADD CONSTRAINT no_wake_of_broken CHECK "
+                          f"(NOT (run_id = '{broken}' AND step = 'stock' AND state = 'running'))"))
+    with caplog.at_level(logging.ERROR, logger="saga.children"):
+        assert engine.children.wake_finished() == 1
+    assert engine.get_run(fine)["state"] == "running"  # woken: its next step is ready
+    assert _step(engine, fine, "stock")["state"] == "completed"
+    assert _step(engine, broken, "stock")["state"] == "suspended"
+    (line,) = [r.getMessage() for r in caplog.records if "could not wake" in r.getMessage()]
+    assert broken in line and "no_wake_of_broken" in line
 
 
 def test_a_child_of_an_unregistered_workflow_fails_its_step_naming_it(engine: Saga) -> None:
