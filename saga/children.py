@@ -6,10 +6,11 @@ starting another), writes the parent columns on it and suspends the step's row, 
 transaction: exactly one child per attempt, and no worker held while it runs.
 
 Waking: the relay (and :func:`saga.testing.drain`) looks for finished children whose parent
-row is still suspended, about twice a second, with one indexed query (``ix_runs_parent``; a
+row is still suspended, on each turn of its loop (at most twice a second, and at least
+once per poll interval), with one indexed query (``ix_runs_parent``; a
 suspended child wait is the suspended row without ``wake_at``). Nothing is added to the
 completing statement of the hot path, which every step of every run pays for; a child's end
-reaches its parent within about half a second instead. A completed child completes the step
+reaches its parent within about a second instead. A completed child completes the step
 with its result; one that failed, was compensated or was cancelled fails the attempt (retried
 under the step's policy with a new child, then the parent compensates). A child that waits for
 an operator (``compensation_failed``) keeps its parent waiting until it is retried or resolved.
