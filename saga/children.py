@@ -17,8 +17,10 @@ an operator (``compensation_failed``) keeps its parent waiting until it is retri
 
 Undoing: a child step's compensation (:class:`~saga.steps.children.UndoChild`) compensates a
 completed child (``completed --undo_child--> compensating``) or cancels a live one, and waits
-for it to end; cancelling the parent skips its waiting child step, whose compensation then
-cancels the child. A child that ended otherwise has nothing left to undo.
+for it to end. A parent that stops (cancelled, or compensating) cancels its live children in
+its own transaction (:meth:`saga.lifecycle.Lifecycle.stop_in_tx`); its waiting child step is
+skipped, and that step's compensation then waits for the cancelled child to end. A child that
+ended otherwise has nothing left to undo.
 """
 
 from __future__ import annotations
