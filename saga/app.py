@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from saga import faults, telemetry
+from saga.children import Children
 from saga.definition import Workflow
 from saga.dispatch import Dispatcher
 from saga.errors import InvalidTransitionError, SagaError
@@ -92,6 +93,8 @@ class Saga:
         """Suspended steps: timers, signal waits and signals (:mod:`saga.waits`)."""
         self.maps = Maps(self)
         """Maps over a list: expanding them, their items and results (:mod:`saga.maps`)."""
+        self.children = Children(self)
+        """Child runs: starting them, waking their parents (:mod:`saga.children`)."""
         self._starter = Starter(self.tables, self.settings)
         self.dispatcher: Dispatcher | None = None
         """Publishes what starts and completions make ready after their commit (set by

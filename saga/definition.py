@@ -28,6 +28,7 @@ from saga.steps import (
     WaitStep,
     is_transactional,
 )
+from saga.steps.children import ChildStep, UndoChild
 from saga.steps.maps import MAX_MAP_NAME, MapStep, parse_instance
 from saga.steps.waits import NO_DEFAULT
 
@@ -256,6 +257,10 @@ class Workflow:
                 raise DefinitionError(self.name, "compensation for a missing step", (step,))
             target = self._resolve("<compensation>", step)
             current = self._steps[target]
+            if isinstance(current.runner, ChildStep):
+                raise DefinitionError(
+                    self.name, "a child step is undone by its child's compensations", (target,)
+                )
             if current.compensation is not None:
                 raise DefinitionError(self.name, "already has a compensation", (target,))
             if isinstance(current.runner, WaitStep):
@@ -362,6 +367,62 @@ class Workflow:
             name, mapped, after=deps, retry=retry, compensation_retry=compensation_retry,
             queue=queue, priority=priority, time_limit=time_limit,
         )
+
+    def child(
+        self,
+        name: str,
+        *,
+        workflow: Workflow | str,
+        input: Callable[[StepContext], JSON] | None = None,
+        after: Iterable[StepRef] = (),
+        version: int | None = None,
+        retry: RetryPolicy | None = None,
+        queue: str | None = None,
+    ) -> Step:
+        """Declare a step that runs ``workflow`` (a :class:`Workflow`, registered with this
+        one, or the name of a registered one, checked when the step starts) as a child run,
+        with ``input(ctx)`` as its input (without one, this run's input), and completes with
+        the child's result. A child that fails, is compensated or is cancelled fails the step
+        (retried under ``retry`` with a new child, then this run compensates). Undoing the
+        step compensates a completed child, or cancels a live one, and waits for it; no
+        worker is held while the child runs. ``version`` pins the child's version (default:
+        the newest registered when the step starts)."""
+        where = (str(name),)
+        definition = workflow if isinstance(workflow, Workflow) else None
+        child_name = workflow.name if isinstance(workflow, Workflow) else workflow
+        if not isinstance(child_name, str) or not _NAME.match(child_name):
+            raise DefinitionError(
+                self.name, f"workflow must be a Workflow or a workflow name, got {workflow!r}",
+                where,
+            )
+        if input is not None and not callable(input):
+            raise DefinitionError(self.name, "input must be a function of the context", where)
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 1
+        ):
+            raise DefinitionError(self.name, f"version must be an int >= 1, got {version!r}",
+                                  where)
+        if definition is not None and version is not None and definition.version != version:
+            raise DefinitionError(
+                self.name, f"version {version} differs from the workflow given "
+                f"({child_name!r} v{definition.version})", where,
+            )
+        runner = ChildStep(workflow=child_name, version=version, input=input,
+                           definition=definition)
+        return self.add_step(name, runner, after=after, compensate=UndoChild(), retry=retry,
+                             queue=queue)
+
+    @property
+    def child_steps(self) -> tuple[str, ...]:
+        """The names of the steps that run a child workflow."""
+        return tuple(n for n, s in self._steps.items() if isinstance(s.runner, ChildStep))
+
+    @property
+    def children(self) -> list[Workflow]:
+        """The workflows given (as objects) to this one's child steps, registered with it."""
+        found = [s.runner.definition for s in self._steps.values()
+                 if isinstance(s.runner, ChildStep)]
+        return [d for d in found if isinstance(d, Workflow)]
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -530,6 +591,11 @@ class Workflow:
             self._check_limit("time_limit", s.time_limit, name)
         if isinstance(s.runner, WaitStep):
             self._check_wait(s.runner, s)
+        if isinstance(s.runner, ChildStep) != isinstance(s.compensation, UndoChild):
+            raise DefinitionError(
+                self.name, "a child step is undone by its child's compensations (declare it "
+                "with wf.child)", (name,),
+            )
 
     def _check_wait(self, runner: WaitStep, s: Step) -> None:
         where = (s.name,)

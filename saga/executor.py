@@ -31,6 +31,7 @@ from saga.heartbeat import Heartbeat, Lease
 from saga.maps import MapItemsError, release_of
 from saga.messages import MalformedMessageError, Publisher, StepMessage
 from saga.steps import TaskCaller, TransactionalStep, WaitStep
+from saga.steps.children import ChildStep, UndoChild
 from saga.steps.maps import MapStep
 from saga.timeouts import Watchdog, time_limit
 from saga.transitions import Claim, Completion
@@ -245,6 +246,8 @@ class Executor:
             return self._run_in_transaction(wf, claim, token, lease, delivery, runner, ctx)
         if isinstance(runner, WaitStep):
             return self._wait(wf, claim, token, delivery, runner, ctx)
+        if isinstance(runner, ChildStep | UndoChild):
+            return self._child(wf, claim, token, delivery, runner, ctx)
         try:
             result_json = self._call(wf, runner, ctx, delivery)
         except Exception as exc:
@@ -279,6 +282,28 @@ class Executor:
             begun = self.saga.waits.begin(claim.ref, token, runner, ctx)
         except Exception as exc:  # the sleep's until() failed: the step's own error
             return self._fail(wf, claim, exc, self._retryable(wf, claim.ref, exc)), None
+        if begun.result is not None:
+            return self._complete(wf, claim, token, begun.result, delivery)
+        return "suspended", None
+
+    def _child(
+        self, wf: Workflow, claim: Claim, token: str, delivery: Delivery,
+        runner: ChildStep | UndoChild, ctx: StepContext,
+    ) -> tuple[str, tuple[Claim, str] | None]:
+        """Start a child step's child run and suspend the step, or begin undoing it (see
+        :mod:`saga.children`); complete it now if there is nothing to wait for."""
+        children = self.saga.children
+        try:
+            if isinstance(runner, ChildStep):
+                begun = children.begin(claim.ref, token, runner, ctx, claim.trace_context)
+            else:
+                begun = children.undo(claim.ref, token)
+        except Exception as exc:  # the child's input or workflow: the step's own error
+            return self._fail(wf, claim, exc, self._retryable(wf, claim.ref, exc)), None
+        if begun.stale:
+            logs.event(log, logging.WARNING, "child not started: the lease was lost",
+                       run_id=claim.ref.run_id, workflow=wf.name, step=claim.ref.step)
+            return "duplicate", None
         if begun.result is not None:
             return self._complete(wf, claim, token, begun.result, delivery)
         return "suspended", None

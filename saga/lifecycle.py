@@ -103,6 +103,10 @@ class Lifecycle:
         )
         self.history.append(conn, run_id, event, step=step, detail={"error": reason})
         run["state"] = to
+        # A stopping run's live children are cancelled with it (locks go parent first, then
+        # child, everywhere); its child steps' compensations then wait for them to end.
+        for child in self.runs.live_children(conn, run_id):
+            self.cancel_in_tx(conn, child, f"its parent {run_id} is {to}")
         return self.advance_in_tx(conn, run)
 
     def advance_in_tx(self, conn: Connection, run: Row) -> str:
@@ -169,6 +173,23 @@ class Lifecycle:
         message = storable_text(reason) if reason else "cancelled by an operator"
         error = {"type": "cancelled", "message": message}
         return self.stop_in_tx(conn, run, "cancelling", "run_cancelling", error)
+
+    def undo_child_in_tx(self, conn: Connection, run_id: str, parent: str, step: str) -> str:
+        """Compensate the ``completed`` child run ``run_id`` whose parent ``parent`` undoes its
+        step ``step`` (``completed --undo_child--> compensating``); it ends ``compensated``.
+        A child none of whose steps has a compensation is left ``completed``: nothing to do."""
+        run = self._locked(conn, run_id)
+        if run["state"] != "completed":
+            return run["state"]  # type: ignore[no-any-return]
+        wf = self.registry.get(run["workflow"], run["version"])
+        if not any(wf[s].compensation is not None for s in wf.step_names):
+            return "completed"
+        reason = {"type": "parent_undone", "message": f"its parent {parent} undoes {step!r}"}
+        self.runs.set_state(conn, run_id, ["completed"], "compensating", error=dumps(reason),
+                            clear_result=True)
+        self.history.append(conn, run_id, "run_compensating", detail={"error": reason})
+        run["state"] = "compensating"
+        return self.advance_in_tx(conn, run)
 
     def retry_in_tx(self, conn: Connection, run_id: str, from_step: str | None = None) -> str:
         """Retry a ``failed`` run from its failed step (or ``from_step``), or a

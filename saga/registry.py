@@ -31,6 +31,8 @@ class Registry:
             )
         workflow.freeze()
         self._by_key[key] = workflow
+        for child in workflow.children:  # after this one: a child may name its parent
+            self.register(child)
         return workflow
 
     def get(self, name: str, version: int | None = None) -> Workflow:

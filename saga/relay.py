@@ -5,7 +5,8 @@ statement, so several relays can run), publishes each outside any transaction, t
 published. It wakes on
 ``LISTEN/NOTIFY`` and polls as a fallback; broker or database outages are logged and retried
 with backoff. It fires durable timers (suspended steps whose ``wake_at`` passed,
-:mod:`saga.waits`) within about a second and the registry's schedules (:mod:`saga.scheduler`).
+:mod:`saga.waits`) within about a second, wakes the steps whose child run ended
+(:mod:`saga.children`) and fires the registry's schedules (:mod:`saga.scheduler`).
 On SIGTERM it finishes its batch and exits 0. It also runs the sweeper.
 """
 
@@ -26,6 +27,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from saga import logs, metrics, telemetry
 from saga.app import Saga
+from saga.children import ParentWaker
 from saga.housekeeping import Housekeeping
 from saga.messages import Envelope, Publisher, publish_in_order
 from saga.scheduler import Clock, Scheduler
@@ -65,6 +67,8 @@ class Relay:
         self.housekeeping = housekeeping or Housekeeping(saga)
         self.scheduler = Scheduler(saga, clock)
         """Fires the registry's schedules' due slots on every turn of the loop."""
+        self.parents = ParentWaker(saga.children)
+        """Wakes the steps whose child run ended (:mod:`saga.children`)."""
         self.stopping = threading.Event()
         self._publishing: concurrent.futures.ThreadPoolExecutor | None = None
         """Publishes one batch while the loop takes or marks another (:meth:`publish_backlog`);
@@ -210,6 +214,7 @@ class Relay:
             now = time.monotonic()
             if now >= self._wake_due:
                 self._fire_timers()
+            self._wake_parents()
             if now - last_sweep >= self.sweep_interval:
                 last_sweep = now
                 try:
@@ -239,6 +244,13 @@ class Relay:
             woke = 0
         # More may be due (a full batch); else the next wait reads when the next one is.
         self._wake_due = 0.0 if woke >= self.batch_size else time.monotonic() + self.poll_interval
+
+    def _wake_parents(self) -> None:
+        """Wake the steps whose child run ended (at most every half second)."""
+        try:
+            self.parents.tick()
+        except Exception as exc:  # logged, never the relay's end: it looks again later
+            logs.event(log, logging.WARNING, f"waking parents failed: {logs.describe(exc)}")
 
     def _backoff(self, seconds: float) -> None:
         self.housekeeping.presence.beat()  # backing off is being alive: the outbox warns

@@ -4,7 +4,9 @@
 process until nothing is left to do. It exercises the same claim/complete transitions as a
 Celery worker, so a workflow's logic, retries and compensations can be tested without starting
 processes. It does not test delivery (that is what the relay and Celery are for). Maps over a
-list (:meth:`saga.Workflow.map`) expand and run their instances inline too.
+list (:meth:`saga.Workflow.map`) expand and run their instances inline too, and child runs
+(:meth:`~saga.Workflow.child`) are drained with their parents: a child's end wakes its parent's
+step in the same drain.
 
 Waits and schedules run inline too, on one :class:`FakeClock`: :func:`drain` fires the timers
 that are due; advancing a clock bound to an engine moves the time of every suspended step
@@ -64,7 +66,8 @@ class InlinePublisher:
 def drain(
     saga: Saga, *, timeout: float = 30.0, tasks: TaskCaller | None = None
 ) -> list[tuple[dict[str, Any], str]]:
-    """Run every ready step (and retries as they fall due) until the outbox is empty.
+    """Run every ready step (and retries as they fall due), child runs included, and wake
+    the steps whose child ended, until the outbox is empty.
 
     Returns each executed message with its outcome. Raises ``TimeoutError`` past ``timeout``.
     """
@@ -73,6 +76,7 @@ def drain(
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         saga.waits.fire_due()
+        saga.children.wake_finished()
         relay.publish_batch()
         if publisher.run_pending():
             continue

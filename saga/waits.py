@@ -211,7 +211,7 @@ class Waits:
                 self._time_out(conn, wf, ref, row, runner, token)
             else:
                 result = {"woke_at": row["wake_at"].isoformat()}
-                self._complete(conn, wf, ref, dumps(result), token, "timer")
+                self.complete_woken(conn, wf, ref, dumps(result), token, "timer")
         return len(rows)
 
     def _time_out(
@@ -220,7 +220,7 @@ class Waits:
     ) -> None:
         if runner.has_default:
             limit = self.saga.settings.max_result_bytes
-            self._complete(conn, wf, ref, encode_result(runner.default, limit=limit), token,
+            self.complete_woken(conn, wf, ref, encode_result(runner.default, limit=limit), token,
                            "timeout")
             return
         policy = wf.retry_for(ref.step, "step")
@@ -242,18 +242,24 @@ class Waits:
         params |= {"due_only": due_only, "ahead": ahead}
         return conn.execute(self._wake, params).mappings().all()
 
-    def _complete(
+    def complete_woken(
         self, conn: Connection, wf: Workflow, ref: AttemptRef, result_json: str, token: str,
-        by: str,
+        by: str, **detail: Any,
     ) -> Completion | None:
-        release = graph.dependents(wf.after_map)[ref.step]
+        """Complete the woken attempt ``ref`` (a step, or a compensation: what waits for it is
+        released as a worker's completion would) with ``result_json`` under ``token``, and
+        say in the history what woke it (``by``, with ``detail``)."""
+        if ref.kind == "step":
+            release = graph.dependents(wf.after_map)[ref.step]
+        else:
+            release = tuple(sorted(graph.ancestors(wf.after_map, ref.step)))
         self.saga.lifecycle.history.append(
-            conn, ref.run_id, "step_woken", kind="step", step=ref.step, attempt=ref.attempt,
-            detail={"by": by},
+            conn, ref.run_id, "step_woken", kind=ref.kind, step=ref.step, attempt=ref.attempt,
+            detail={"by": by, **detail},
         )
         done = self.saga.transitions.complete(
             conn, ref, result_json, token=token, release=release,
-            routes=[wf.route(s) for s in release], sink=not release,
+            routes=[wf.route(s) for s in release], sink=ref.kind == "step" and not release,
             republish_after=self.saga.settings.republish_after,
             definition=(wf.name, wf.version, wf.definition_hash),
         )
@@ -294,5 +300,5 @@ class Waits:
         woken = self._take(conn, run_id, token, signal=name)
         for row in woken:
             ref = AttemptRef(run_id, "step", row["step"], row["attempt"])
-            self._complete(conn, wf, ref, payload_json, token, "signal")
+            self.complete_woken(conn, wf, ref, payload_json, token, "signal")
         return "delivered" if woken else "stored"

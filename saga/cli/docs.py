@@ -265,10 +265,23 @@ def run_doc(run: Row, steps: list[Row], history: list[Row]) -> dict[str, Any]:
 
 
 def run_detail(conn: Connection, tables: Tables, ref: str) -> dict[str, Any]:
-    """:func:`run_doc` of the run ``ref`` names (id, business key or unique id prefix)."""
+    """:func:`run_doc` of the run ``ref`` names (id, business key or unique id prefix), with
+    its ``parent`` (or ``None``) and ``children`` runs (id, workflow, version, state, and the
+    parent's step and attempt that started each)."""
     row = queries.find_run(conn, tables, ref)
-    return run_doc(
+    doc = run_doc(
         row,
         queries.run_steps(conn, tables, row["id"]),
         queries.run_history(conn, tables, row["id"]),
     )
+    parent, children = queries.run_relatives(conn, tables, row)
+    if parent is not None:  # the step and attempt of the parent that started this run
+        parent |= {"step": row["parent_step"], "attempt": row["parent_attempt"]}
+        del parent["parent_step"], parent["parent_attempt"]
+    doc["parent"] = parent
+    doc["children"] = [
+        {k: c[k] for k in ("id", "workflow", "version", "state")}
+        | {"step": c["parent_step"], "attempt": c["parent_attempt"]}
+        for c in children
+    ]
+    return doc

@@ -53,6 +53,10 @@ SELECT kind, step, state, attempt, first_attempt, worker, created_at, started_at
 FROM {steps} WHERE run_id = :id
 ORDER BY kind DESC, started_at NULLS LAST, step
 """
+_RELATIVES = """
+SELECT id::text AS id, workflow, version, state, parent_step, parent_attempt
+FROM {runs} WHERE id = :parent OR parent_run_id = :id ORDER BY created_at, id
+"""
 _HISTORY = """
 SELECT id, at, event, kind, step, attempt, detail
 FROM {history} WHERE run_id = :id ORDER BY id
@@ -110,6 +114,15 @@ def find_run(conn: Connection, tables: Tables, ref: str) -> Row:
 def run_steps(conn: Connection, tables: Tables, run_id: Any) -> list[Row]:
     """The run's step and compensation rows."""
     return [dict(r) for r in conn.execute(tables.sql(_STEPS), {"id": run_id}).mappings()]
+
+
+def run_relatives(conn: Connection, tables: Tables, run: Row) -> tuple[Row | None, list[Row]]:
+    """The run's parent run (``None`` if it is no child) and its child runs, oldest first:
+    id, workflow, version, state, and the step and attempt of the parent that started it."""
+    params = {"id": run["id"], "parent": run.get("parent_run_id")}
+    rows = [dict(r) for r in conn.execute(tables.sql(_RELATIVES), params).mappings()]
+    parent = next((r for r in rows if r["id"] == str(run.get("parent_run_id"))), None)
+    return parent, [r for r in rows if r is not parent]
 
 
 def run_history(conn: Connection, tables: Tables, run_id: Any) -> list[Row]:

@@ -153,10 +153,17 @@ def _waits(step: dict[str, Any]) -> str | None:
     """What a suspended step waits for, shown in place of its (not yet known) result."""
     if step.get("state") != "suspended":
         return None
+    if step.get("wake_at") is None:
+        return "waits for its child run"
     until = fmt_time(step.get("wake_at"))
     if step.get("signal"):
         return f"waits for signal {step['signal']!r} until {until}"
     return f"sleeps until {until}"
+
+
+def _parent(parent: dict[str, Any]) -> str:
+    return (f"{parent['id']} ({parent['workflow']}, step {parent['step']}, "
+            f"attempt {parent['attempt']}, {parent['state']})")
 
 
 def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
@@ -174,8 +181,18 @@ def _print_run(out: Output, doc: dict[str, Any], full: bool = False) -> None:
             ("input", _bounded(run["input"], full)),
             *([("result", _bounded(run["result"], full))] if run["result"] is not None else []),
             *([("error", one_line(error.get("message", error), 100))] if error else []),
+            *([("parent", _parent(doc["parent"]))] if doc.get("parent") else []),
         ],
     )
+    if doc.get("children"):
+        out.line()
+        out.table(
+            "Children",
+            ["run", "workflow", "state", "step", "attempt"],
+            [[c["id"], f"{c['workflow']} v{c['version']}", c["state"], c["step"], c["attempt"]]
+             for c in doc["children"]],
+            state_column=2,
+        )
     for title, rows in (("Steps", doc["steps"]), ("Compensations", doc["compensations"])):
         if not rows and title == "Compensations":
             continue

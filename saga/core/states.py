@@ -25,6 +25,7 @@ A run::
     compensation_failed --operator_retry--> compensating|cancelling
     compensation_failed --operator_resolve--> resolved
     failed --operator_retry--> running
+    completed --undo_child--> compensating     (a child run whose parent step is undone)
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ TRANSITIONS: tuple[Transition, ...] = (
     *_edges("run", ["compensation_failed"], "operator_retry", "cancelling"),
     *_edges("run", ["compensation_failed"], "operator_resolve", "resolved"),
     *_edges("run", ["failed"], "operator_retry", "running"),
+    *_edges("run", ["completed"], "undo_child", "compensating"),
 )
 """The whole machine. Nothing else moves a run or a step row."""
 

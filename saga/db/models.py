@@ -99,6 +99,14 @@ class Run(Base):
                 f"deadline_at IS NOT NULL AND {check_in('state', RUN_ACTIVE[:1])}"
             ),
         ),
+        # The relay's query for finished children of waiting steps, and a run's children.
+        Index(
+            "ix_runs_parent",
+            "parent_run_id",
+            "parent_step",
+            "parent_attempt",
+            postgresql_where=text("parent_run_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -117,6 +125,13 @@ class Run(Base):
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    parent_run_id: Mapped[uuid.UUID | None] = mapped_column(
+        UUID(as_uuid=True), ForeignKey("runs.id", ondelete="SET NULL")
+    )
+    """A child run's parent (:mod:`saga.children`); ``parent_step`` and ``parent_attempt``
+    name the step attempt that started it."""
+    parent_step: Mapped[str | None] = mapped_column(String(100))
+    parent_attempt: Mapped[int | None] = mapped_column(Integer)
 
 
 class StepRun(Base):

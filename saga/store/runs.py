@@ -49,6 +49,12 @@ UPDATE {runs} SET result = (
 WHERE id = :run_id
 """
 
+# Locked: a child finishing meanwhile is rechecked after its commit, and left out.
+_LIVE_CHILDREN = """
+SELECT id::text FROM {runs} WHERE parent_run_id = :run_id AND state = 'running' ORDER BY id
+FOR UPDATE
+"""
+
 _RESTART_DEADLINE = """
 UPDATE {runs} SET deadline_at = now() + make_interval(secs => CAST(:seconds AS float8))
 WHERE id = :run_id
@@ -66,6 +72,7 @@ class RunStore:
         self._set_state = tables.sql(_SET_STATE)
         self._restart_deadline = tables.sql(_RESTART_DEADLINE)
         self._gather_result = tables.sql(_GATHER_RESULT)
+        self._live_children = tables.sql(_LIVE_CHILDREN)
 
     def lock(self, conn: Connection, run_id: str) -> Row | None:
         """The run's row, locked ``FOR UPDATE`` until the caller's transaction ends."""
@@ -149,3 +156,7 @@ class RunStore:
     def gather_result(self, conn: Connection, run_id: str, sinks: Sequence[str]) -> None:
         """Set the run's result from its completed sink steps (after an operator's retry)."""
         conn.execute(self._gather_result, {"run_id": run_id, "sinks": list(sinks)})
+
+    def live_children(self, conn: Connection, run_id: str) -> list[str]:
+        """The ids of the run's child runs that are still ``running``, locked."""
+        return [str(r[0]) for r in conn.execute(self._live_children, {"run_id": run_id})]

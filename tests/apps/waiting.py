@@ -12,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import text
 
 import saga
 from saga import RetryPolicy, StepContext, Workflow
 from saga.celery_adapter import WORKER_SETTINGS
+from tests.apps import recording
 
 QUEUE = os.environ.get("SAGA_TEST_QUEUE", "saga")
 FAST = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.1)
@@ -24,13 +24,7 @@ FAST = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=1.0, jitter=0.1)
 
 def record(ctx: StepContext) -> None:
     """Record one execution of this step's code."""
-    with engine.engine.begin() as conn:
-        conn.execute(
-            text("INSERT INTO executions (run_id, kind, step, attempt, idempotency_key) "
-                 "VALUES (:r, :k, :s, :a, :i)"),
-            {"r": ctx.run_id, "k": ctx.kind, "s": ctx.step, "a": ctx.attempt,
-             "i": ctx.idempotency_key},
-        )
+    recording.record(engine, ctx)
 
 
 def _begin(ctx: StepContext) -> dict[str, Any]:

@@ -51,7 +51,10 @@ def _workflows() -> list[Workflow]:
     waits = Workflow("walk.waits", retry=NOW)  # suspended, then woken by a signal and a timer
     waits.wait_for_signal("paid", signal="paid", timeout=60)
     waits.sleep("nap", for_=60, after=["paid"])
-    return [wf, plain, waits]
+    nest = Workflow("walk.nest", retry=NOW)  # a child run, completed, then undone by its parent
+    nest.child("kid", workflow=wf)
+    nest.add_step("last", _act, after=["kid"])
+    return [wf, plain, waits, nest]
 
 
 @pytest.fixture
@@ -194,6 +197,7 @@ def test_every_state_change_the_engine_makes_is_in_the_table(walk: Saga) -> None
     send_signal(walk, waiting, "paid", {"ok": True})
     FakeClock(walk).advance(timedelta(seconds=61))
     assert walk.get_run(waiting)["state"] == "completed"
+    assert run({"step:last": "permanent"}, workflow="walk.nest") == "compensated"
     started = walk.start_now("walk.diamond", {}).run_id
     walk.cancel(started)
     drain(walk)

@@ -20,6 +20,7 @@ from saga.errors import SignalRefusedError
 from saga.registry import Registry
 from saga.steps import WaitStep
 from saga.testing import FakeClock, drain, send_signal
+from tests.support.publishers import Collect
 
 NOW = RetryPolicy(max_attempts=2, initial_delay=0.01, max_delay=0.01, jitter=0.0)
 UNDONE: list[str] = []
@@ -350,16 +351,6 @@ def test_a_signal_sent_while_its_wait_begins_is_not_missed(engine: Saga) -> None
     assert _state(engine, run.run_id, "go") == "running"
 
 
-class _Collect:
-    """A relay publisher that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.steps: list[tuple[str, str]] = []
-
-    def publish(self, envelope: Any) -> None:
-        self.steps.append((envelope.message.run_id, envelope.message.step))
-
-
 def test_the_relay_fires_a_due_timer_and_publishes_the_step_after_it(db_url: str) -> None:
     import threading
 
@@ -371,7 +362,7 @@ def test_the_relay_fires_a_due_timer_and_publishes_the_step_after_it(db_url: str
     wf.add_step("after", lambda ctx: ctx.results["nap"], after=["nap"])
     eng = create_engine(db_url)
     saga = Saga(Registry(wf), engine=eng, settings=Settings())
-    collect = _Collect()
+    collect = Collect()
     relay = Relay(saga, collect, poll_interval=0.2)
     loop = threading.Thread(target=relay.run)
     try:

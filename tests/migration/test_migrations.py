@@ -229,7 +229,7 @@ def test_downgrading_below_maps_keeps_the_instances_rows_without_their_items(
             columns = {c["name"] for c in inspect(conn).get_columns("step_runs", schema="saga")}
         assert step == "each[00000]" and "item" not in columns
         migrate.upgrade(empty_db_url)
-        assert migrate.current(empty_db_url) == "0007_maps" == migrate.head()
+        assert migrate.current(empty_db_url) == migrate.head()
     finally:
         engine.dispose()
 
@@ -238,3 +238,32 @@ def _insert_run(conn: Any, run_id: Any) -> None:
     conn.execute(text(
         "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
         " steps_remaining) VALUES (:id, 'w', 1, 'h', '{}', 1)"), {"id": run_id})
+
+def test_downgrading_below_children_frees_a_step_waiting_for_its_child(empty_db_url: str) -> None:
+    import uuid
+
+    migrate.upgrade(empty_db_url)
+    parent, child = uuid.uuid4(), uuid.uuid4()
+    engine = create_engine(empty_db_url)
+    try:
+        with engine.begin() as conn:
+            for run_id, of in ((parent, None), (child, parent)):
+                conn.execute(text(
+                    "INSERT INTO saga.runs (id, workflow, version, definition_hash, input,"
+                    " steps_remaining, parent_run_id, parent_step, parent_attempt)"
+                    " VALUES (:id, 'w', 1, 'h', '{}', 1, :of, 'kid', 1)"),
+                    {"id": run_id, "of": of})
+            conn.execute(text(
+                "INSERT INTO saga.step_runs (run_id, kind, step, state, attempt, pending_deps)"
+                " VALUES (:id, 'step', 'kid', 'suspended', 1, 0)"), {"id": parent})
+        migrate.downgrade(empty_db_url, revision="0007_maps")
+        with engine.connect() as conn:
+            state = conn.execute(text("SELECT state FROM saga.step_runs")).scalar_one()
+            runs = conn.execute(text("SELECT count(*) FROM saga.runs")).scalar_one()
+            columns = {c["name"] for c in inspect(conn).get_columns("runs", schema="saga")}
+        assert (state, runs) == ("ready", 2)
+        assert "parent_run_id" not in columns
+        migrate.upgrade(empty_db_url)
+        assert migrate.current(empty_db_url) == migrate.head()
+    finally:
+        engine.dispose()

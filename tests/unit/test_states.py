@@ -16,15 +16,19 @@ def test_every_state_in_the_table_is_a_constrained_state() -> None:
         assert t.source in known and t.target in known, t
 
 
-def test_only_finished_runs_have_no_way_out_and_a_failed_one_can_be_retried() -> None:
+def test_only_finished_runs_have_no_way_out_but_a_retried_failed_or_an_undone_child() -> None:
     leaving = {t.source for t in TRANSITIONS if t.machine == "run"}
-    assert set(states.RUN_STATES) - leaving == set(states.FINISHED_RUN_STATES) - {"failed"}
+    assert set(states.RUN_STATES) - leaving == set(states.FINISHED_RUN_STATES) - {
+        "failed", "completed"
+    }
 
 
-def test_a_finished_run_leaves_its_state_only_by_an_operators_retry() -> None:
+def test_a_finished_run_leaves_its_state_only_by_a_retry_or_its_parents_undo() -> None:
     for t in TRANSITIONS:
         if t.machine == "run" and t.source in states.FINISHED_RUN_STATES:
-            assert t.event == "operator_retry", t
+            assert (t.event, t.source) in {
+                ("operator_retry", "failed"), ("undo_child", "completed")
+            }, t
 
 
 def test_every_step_state_is_reached_from_waiting_or_ready() -> None:
