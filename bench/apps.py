@@ -71,7 +71,7 @@ engine = saga.Saga(registry, database_url=DATABASE_URL)
 app = Celery("saga-bench", broker=REDIS_URL, backend=REDIS_URL)
 saga.install(app, engine)
 # install() sets nothing on the app: saga's task carries its own options (JSON, acks_late,
-# no reject on worker lost, no result). The baseline's plain tasks get the same ones as the
+# reject on worker lost, no result). The baseline's plain tasks get the same ones as the
 # app's defaults, and the worker the settings saga wants, so both sides run on equal terms.
 # Plain Celery tasks go to the same queue the worker consumes. (The chord's header tasks
 # store results: a chord needs them.)
@@ -80,7 +80,7 @@ app.conf.update(
     task_serializer="json",
     accept_content=["json"],
     task_acks_late=True,
-    task_reject_on_worker_lost=False,
+    task_reject_on_worker_lost=True,
     task_ignore_result=True,
     broker_connection_retry_on_startup=True,
     task_default_queue=QUEUE,

@@ -39,9 +39,12 @@ TASK_OPTIONS: dict[str, Any] = {
     "name": TASK_NAME,
     "serializer": "json",
     "acks_late": True,
-    # A lost worker's step comes back through its heartbeat-kept lease, not through a
-    # redelivery loop.
-    "reject_on_worker_lost": False,
+    # A pool process that dies with a message (killed, out of memory, SIGTERM sent to the
+    # worker's whole process group) hands it back to the broker instead of acknowledging it:
+    # if it died before the claim, another worker runs the step now, not after
+    # republish_after; if after, the claim guard drops the copy (the step is claimed, and its
+    # lease brings it back), so the message cannot loop.
+    "reject_on_worker_lost": True,
     "ignore_result": True,
 }
 """The options of saga's own task, ``saga.execute``; install() changes no setting of the app or

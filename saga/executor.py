@@ -145,6 +145,7 @@ class Executor:
             return "unknown"
         token = self._token()
         deps = wf[msg.step].after if msg.kind == "step" else ()
+        faults.kill_if_armed("executor.kill", f"before_claim:{msg.step}")
         claim = self.saga.on_hot_path(
             "claim",
             lambda conn: self.saga.transitions.claim(

@@ -11,6 +11,9 @@ costs a set lookup. Points:
 - ``transactional.kill:<before_commit|after_commit>:attempt<n>``: the worker process kills
   itself (SIGKILL) just before, or just after, the transaction of a transactional step's
   attempt ``n`` commits.
+- ``executor.kill:before_claim:<step>``: the worker process kills itself (SIGKILL) when it
+  has a message for ``step`` and has not claimed it yet (every time: a worker armed with it
+  never runs that step).
 """
 
 from __future__ import annotations

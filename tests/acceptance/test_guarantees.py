@@ -108,6 +108,29 @@ def test_a_worker_killed_mid_step_has_its_step_run_again_after_the_heartbeat_tim
     assert "lease_expired" in history
 
 
+def test_a_message_whose_worker_died_before_claiming_it_goes_to_another_worker_at_once(
+    gsys: System,
+) -> None:
+    # Acknowledged with its dead worker, the message would wait two minutes to go out again.
+    gsys.env["SAGA_REPUBLISH_AFTER"] = "120"
+    # This worker's pool processes die (SIGKILL) on every message for `first`, before claiming.
+    gsys.start_worker("doomed", env={"SAGA_FAULTS": "executor.kill:before_claim:first"})
+    gsys.start_relay()
+    [run_id] = gsys.start_runs("g.policy", {})
+    wait_until(
+        lambda: "WorkerLostError" in gsys.supervisor.log("doomed"),
+        timeout=30,
+        message="the doomed worker's pool process did not die with the message",
+    )
+    gsys.supervisor.stop("doomed")
+
+    gsys.start_worker("healthy")
+    assert wait_state(gsys, run_id, timeout=30) == "completed"
+    assert [r["step"] for r in executions(gsys, run_id, note="end")] == ["first", "second"]
+    [first] = [s for s in gsys.run(run_id)["steps"] if s["step"] == "first"]
+    assert first["attempt"] == 1  # the same attempt, handed back: not a retry
+
+
 def test_a_live_step_longer_than_the_heartbeat_timeout_runs_once(gsys: System) -> None:
     gsys.start_worker("worker")
     gsys.start_relay()

@@ -73,7 +73,7 @@ def test_install_changes_no_setting_of_the_app_nor_of_its_other_tasks(
     )
     ours = app.tasks["saga.execute"]
     assert (ours.serializer, ours.acks_late, ours.ignore_result, ours.reject_on_worker_lost) == (
-        "json", True, True, False,
+        "json", True, True, True,
     )
 
     # On the broker: the user's task goes out in the app's serializer, saga's message in JSON.
