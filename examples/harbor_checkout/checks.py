@@ -62,6 +62,7 @@ def summarize(run: Run, finished: bool) -> dict[str, Any]:
                 "WHERE kind = 'step' AND step = 'charge_payment'"
             )
         ).scalar_one()
+        labels = _labels(conn)
         reports = conn.execute(
             text(
                 "SELECT count(*), coalesce(max(stale_count), 0), "
@@ -101,7 +102,10 @@ def summarize(run: Run, finished: bool) -> dict[str, Any]:
             flag(order_id, f"order {order_id} ({s.why}): expected {want}, got {got}")
         c = charges.get(order_id, {"charges": 0, "refunds": 0, "net_cents": 0})
         timed = row is not None and str(row.run_id) in timed_out
-        for problem in _capture_problems(s.why, webhooks.get(order_id, {}), timed, c):
+        for problem in [
+            *_capture_problems(s.why, webhooks.get(order_id, {}), timed, c),
+            *_label_problems(s.expect, labels.get(order_id, (0, 0))[0], row),
+        ]:
             flag(order_id, f"order {order_id}: {problem}")
         if s.expect == "fulfilled" and (c["charges"] != 1 or c["refunds"] != 0):
             flag(order_id, f"order {order_id}: {c['charges']} charge(s), {c['refunds']} refund(s)")
@@ -151,6 +155,8 @@ def summarize(run: Run, finished: bool) -> dict[str, Any]:
             1 for o in orders.values() if str(o.run_id) in timed_out
             and o.run_state == "compensated"
         ),
+        "parcels_labelled": sum(live for live, _ in labels.values()),
+        "labels_voided": sum(voided for _, voided in labels.values()),
         "provider": provider["stats"],
         "payment_retries": int(pay_retries),
         "stock_consistent": not stock_bad,
@@ -163,6 +169,26 @@ def summarize(run: Run, finished: bool) -> dict[str, Any]:
         "finished": finished,
         "problems": wrong[:20],
     }
+
+
+def _labels(conn: Connection) -> dict[str, tuple[int, int]]:
+    """Per order: its parcels' labels still valid, and those voided by a compensation."""
+    found = conn.execute(
+        text(
+            "SELECT order_id, count(*) FILTER (WHERE voided_at IS NULL), "
+            "count(*) FILTER (WHERE voided_at IS NOT NULL) FROM parcel_labels GROUP BY order_id"
+        )
+    )
+    return {str(order_id): (live, voided) for order_id, live, voided in found}
+
+
+def _label_problems(expect: str, live: int, row: Any) -> list[str]:
+    """A fulfilled order has a valid label per parcel (cart line); a compensated one none."""
+    if expect == "compensated" and live:
+        return [f"compensated but {live} parcel label(s) not voided"]
+    if expect == "fulfilled" and row is not None and live != len(row.items):
+        return [f"{live} parcel label(s) for {len(row.items)} parcels"]
+    return []
 
 
 def _captures(conn: Connection) -> tuple[dict[str, dict[str, int]], set[str]]:
@@ -261,6 +287,10 @@ def report(run: Run, summary: dict[str, Any]) -> None:
     say(
         f"  capture timeouts     {summary['capture_timeouts_compensated']} compensated "
         f"(no webhook within {run.args.capture_timeout:g}s: charge refunded)"
+    )
+    say(
+        f"  parcels labelled     {summary['parcels_labelled']} (a map: a label per parcel); "
+        f"{summary['labels_voided']} voided by compensations"
     )
     say(f"  stock consistent     {summary['stock_consistent']}")
     say(

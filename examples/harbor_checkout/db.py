@@ -60,10 +60,14 @@ CREATE TABLE IF NOT EXISTS reservations (
     released_at  timestamptz,
     PRIMARY KEY (order_id, sku)
 );
-CREATE TABLE IF NOT EXISTS shipments (
-    order_id         uuid PRIMARY KEY REFERENCES orders (id),
+CREATE TABLE IF NOT EXISTS parcel_labels (
+    order_id         uuid NOT NULL REFERENCES orders (id),
+    parcel           integer NOT NULL CHECK (parcel >= 0),
+    sku              text NOT NULL,
     tracking_number  text NOT NULL,
-    created_at       timestamptz NOT NULL DEFAULT clock_timestamp()
+    created_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    voided_at        timestamptz,
+    PRIMARY KEY (order_id, parcel)
 );
 CREATE TABLE IF NOT EXISTS notifications (
     order_id  uuid NOT NULL REFERENCES orders (id),

@@ -2,14 +2,16 @@
 
 ::
 
-    reserve_inventory -> charge_payment -> wait_for_capture -> create_label  \\
-                                                            -> send_receipt  -> cooling_off
-                                                                             -> mark_fulfilled
+    reserve_inventory -> charge_payment -> wait_for_capture -> pack_parcels -> create_labels[i]
+                                                            -> send_receipt
+    (create_labels[i], send_receipt) -> cooling_off -> mark_fulfilled
 
 ``wait_for_capture`` waits (no worker held) for the ``payment_captured`` signal the API sends
 when the provider's webhook arrives (:func:`examples.harbor_checkout.api.payment_webhook`);
 with no webhook within ``HARBOR_CAPTURE_TIMEOUT`` seconds it fails once and for all and the
-order is compensated (the charge refunded). ``cooling_off`` is a durable timer
+order is compensated (the charge refunded). ``create_labels`` is a map: one label per parcel
+that ``pack_parcels`` packed, at most two bought at a time, each voided if the order is undone.
+``cooling_off`` is a durable timer
 (``HARBOR_COOLING_OFF`` seconds) before the order is marked fulfilled.
 
 ``release_inventory`` undoes ``reserve_inventory``, ``refund_payment`` undoes
@@ -46,7 +48,8 @@ if TYPE_CHECKING:  # the API's asyncio engine needs greenlet; the workers never 
 log = logging.getLogger("harbor.flow")
 
 UNSERVED_COUNTRIES = frozenset({"AQ"})
-"""No carrier ships there: ``create_label`` fails for good (the order is refunded)."""
+"""No carrier ships there: every ``create_labels`` instance fails for good (the order is
+refunded)."""
 
 STEP_RETRY = RetryPolicy(max_attempts=3, initial_delay=0.2, max_delay=2.0, jitter=0.1)
 PAYMENT_RETRY = RetryPolicy(
@@ -61,7 +64,7 @@ ONCE = RetryPolicy(max_attempts=1)
 
 registry = saga.Registry()
 fulfill_order = Workflow(
-    "fulfill_order", version=2, retry=STEP_RETRY, queue="harbor", time_limit=15
+    "fulfill_order", version=3, retry=STEP_RETRY, queue="harbor", time_limit=15
 )
 _config = Config.from_env()  # the waits' lengths: every process of the demo gets the same
 
@@ -264,24 +267,52 @@ fulfill_order.wait_for_signal(
 
 
 @fulfill_order.step(after=["wait_for_capture"])
-def create_label(ctx: StepContext) -> dict[str, Any]:
-    """Buy a shipping label from the carrier (simulated: a short pause and a tracking number)."""
+def pack_parcels(ctx: StepContext) -> list[dict[str, Any]]:
+    """Pack the order: one parcel per line of the cart (the list the labels are mapped over)."""
+    items = sorted(ctx.input["items"], key=lambda i: i["sku"])
+    return [{"parcel": n, "sku": i["sku"], "qty": i["qty"]} for n, i in enumerate(items)]
+
+
+def label_parcel(ctx: StepContext) -> dict[str, Any]:
+    """Buy a shipping label for one parcel from the carrier (simulated: a short pause and a
+    tracking number), once per parcel (a guarded insert)."""
     order_id = _order_id(ctx)
     country = ctx.input["country"]
     if country in UNSERVED_COUNTRIES:
         _note_failure(order_id, f"no carrier ships to {country}")
         raise PermanentError(f"no carrier ships to {country}")
     time.sleep(random.uniform(0.01, 0.05))
-    tracking = "HBR" + order_id.replace("-", "")[:12].upper()
+    parcel = int(ctx.item["parcel"])
+    tracking = f"HBR{order_id.replace('-', '')[:12].upper()}-{parcel + 1}"
     with db().begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO shipments (order_id, tracking_number) VALUES (:o, :t) "
-                "ON CONFLICT (order_id) DO NOTHING"
+                "INSERT INTO parcel_labels (order_id, parcel, sku, tracking_number) "
+                "VALUES (:o, :p, :s, :t) ON CONFLICT (order_id, parcel) DO NOTHING"
             ),
-            {"o": order_id, "t": tracking},
+            {"o": order_id, "p": parcel, "s": ctx.item["sku"], "t": tracking},
         )
-    return {"tracking_number": tracking}
+    return {"parcel": parcel, "tracking_number": tracking}
+
+
+def void_label(ctx: StepContext) -> dict[str, Any]:
+    """Void a parcel's label (once; a label that was never bought is nothing to void)."""
+    with db().begin() as conn:
+        voided = conn.execute(
+            text(
+                "UPDATE parcel_labels SET voided_at = clock_timestamp() "
+                "WHERE order_id = :o AND parcel = :p AND voided_at IS NULL RETURNING parcel"
+            ),
+            {"o": _order_id(ctx), "p": int(ctx.item["parcel"])},
+        ).first()
+    return {"voided": voided is not None}
+
+
+# A label per parcel, at most two bought at a time; a parcel that cannot be labelled fails the
+# order, and the labels already bought are voided.
+fulfill_order.map(
+    "create_labels", label_parcel, over=pack_parcels, max_parallel=2, compensate=void_label
+)
 
 
 def _notify(order_id: str, kind: str, email: str) -> bool:
@@ -320,13 +351,13 @@ def send_receipt(ctx: StepContext) -> dict[str, Any]:
 
 
 fulfill_order.sleep(
-    "cooling_off", for_=_config.cooling_off, after=[create_label, send_receipt]
+    "cooling_off", for_=_config.cooling_off, after=["create_labels", send_receipt]
 )
 
 
-# After create_label too: a step's ctx.results holds the steps it runs after, and this one
-# needs the tracking number.
-@fulfill_order.step(after=[create_label, "cooling_off"])
+# After create_labels too: a step's ctx.results holds the steps it runs after, and this one
+# needs the tracking numbers (the map's results, in parcel order).
+@fulfill_order.step(after=["create_labels", "cooling_off"])
 def mark_fulfilled(ctx: StepContext) -> dict[str, Any]:
     """The order is paid, captured, labelled and confirmed, and its cooling-off time is over:
     mark it ``fulfilled``."""
@@ -336,7 +367,10 @@ def mark_fulfilled(ctx: StepContext) -> dict[str, Any]:
                 "UPDATE orders SET status = 'fulfilled', finished_at = clock_timestamp(), "
                 "tracking_number = :t WHERE id = :id AND status = 'pending'"
             ),
-            {"t": ctx.results["create_label"]["tracking_number"], "id": _order_id(ctx)},
+            {
+                "t": ",".join(p["tracking_number"] for p in ctx.results["create_labels"]),
+                "id": _order_id(ctx),
+            },
         )
     return {"status": "fulfilled"}
 

@@ -82,6 +82,9 @@ def test_demo_orders_end_as_designed(tmp_path: Path) -> None:
     assert summary["webhooks_received"] == 16
     assert set(summary["webhook_signals"]) <= {"delivered", "stored"}
     assert summary["capture_timeouts_compensated"] == 2
+    # A label per parcel of each fulfilled order (the check above counts them per order);
+    # none left valid on a compensated one.
+    assert summary["parcels_labelled"] >= summary["fulfilled"]
     assert summary["stock_consistent"]
     assert summary["invalid_carts_refused"]
     assert summary["reconcile"]["reports"] >= 1
