@@ -631,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0915 - a linear 
     celery_bin = str(Path(sys.executable).with_name("celery"))
     stats = Stats()
     res: dict[str, Any] = {
-        "args": vars(args) | {"json": str(args.json)},
+        "args": vars(args) | {"json": str(args.json), "py_spy": str(args.py_spy)},
         "redis": REDIS_URL,
         "loadavg_start": os.getloadavg(),
     }
