@@ -136,8 +136,11 @@ def test_an_action_without_the_operator_token_is_refused(
     form = browser.find_element(By.ID, "cancel")
     form.find_element(By.NAME, "reason").send_keys("no token")
     form.find_element(By.TAG_NAME, "button").click()
-    assert browser.find_element(By.ID, "message-title").text == "Refused"
-    assert "operator token" in browser.find_element(By.ID, "message").text
+    # The answer is a new page: wait for it rather than read the one the click left.
+    title = wait_until(lambda: text_of(browser, "message-title"), timeout=20, interval=0.2,
+                       message="no answer to the action without a token")
+    assert title == "Refused"
+    assert "operator token" in text_of(browser, "message")
     assert system.states([run_id])[run_id] == "running"
 
     browser.get(f"{dashboard}/runs/{run_id}")
