@@ -32,6 +32,12 @@ from saga.steps.children import ChildStep, UndoChild
 from saga.steps.maps import MAX_MAP_NAME, MapStep, parse_instance
 from saga.steps.waits import NO_DEFAULT
 
+
+def _is_count(value: Any) -> bool:
+    """Whether ``value`` is an int of at least 1 (``True`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,99}$")
 F = TypeVar("F", bound=Callable[..., Any])
 StepRef = str | Callable[..., Any]
@@ -133,7 +139,7 @@ class Workflow:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise DefinitionError(str(self.name), "workflow name must match " + _NAME.pattern)
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+        if not _is_count(self.version):
             raise DefinitionError(self.name, f"version must be an int >= 1, got {self.version!r}")
         if not isinstance(self.retry, RetryPolicy):
             raise DefinitionError(self.name, "retry must be a RetryPolicy")
@@ -346,9 +352,7 @@ class Workflow:
             raise DefinitionError(
                 self.name, f"a map's name has at most {MAX_MAP_NAME} characters", where
             )
-        if max_parallel is not None and (
-            isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1
-        ):
+        if max_parallel is not None and not _is_count(max_parallel):
             raise DefinitionError(
                 self.name, f"max_parallel must be an int >= 1, got {max_parallel!r}", where
             )
@@ -397,9 +401,7 @@ class Workflow:
             )
         if input is not None and not callable(input):
             raise DefinitionError(self.name, "input must be a function of the context", where)
-        if version is not None and (
-            isinstance(version, bool) or not isinstance(version, int) or version < 1
-        ):
+        if version is not None and not _is_count(version):
             raise DefinitionError(self.name, f"version must be an int >= 1, got {version!r}",
                                   where)
         if definition is not None and version is not None and definition.version != version:
